@@ -1,0 +1,114 @@
+"""Pause and resume: Avalanche checkpoints that work with current torch and dill.
+
+Avalanche 0.6.0's ``save_checkpoint`` dill-pickles the whole strategy. With torch >= 2 and dill
+0.4 it fails (``PicklingError: Can't pickle sentinel``): torch no longer exposes its
+``torch.optim.sgd``-style submodules as attributes of ``torch.optim``, so dill pickles the
+optimizer class by value and reaches an unpicklable typing object (Avalanche issues 1549 and 1680).
+The functions here put those submodule attributes back for the duration of the save, write the
+file atomically, and otherwise behave exactly like Avalanche's.
+
+Typical use (one process per run; a killed run resumes after its last finished experience)::
+
+    from avalanche_spg.checkpoint import save_checkpoint, maybe_load_checkpoint
+
+    strategy, start = maybe_load_checkpoint(strategy, "ckpt.pkl")
+    for experience in benchmark.train_stream[start:]:
+        strategy.train(experience)
+        strategy.eval(benchmark.test_stream)
+        save_checkpoint(strategy, "ckpt.pkl")
+
+After loading, read plugins from ``strategy.plugins`` (see :func:`find_plugin`): objects held
+from before the load are stale copies.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["save_checkpoint", "maybe_load_checkpoint", "find_plugin", "optim_submodules_visible"]
+
+T = TypeVar("T")
+
+
+@contextmanager
+def optim_submodules_visible() -> Iterator[None]:
+    """Temporarily expose ``torch.optim.<submodule>`` attributes so dill pickles classes by ref."""
+    added: list[str] = []
+    for module_name, module in list(sys.modules.items()):
+        prefix = "torch.optim."
+        if module is None or not module_name.startswith(prefix):
+            continue
+        attr = module_name[len(prefix) :]
+        if "." in attr or hasattr(torch.optim, attr):
+            continue
+        setattr(torch.optim, attr, module)
+        added.append(attr)
+    try:
+        yield
+    finally:
+        for attr in added:
+            delattr(torch.optim, attr)
+
+
+def save_checkpoint(
+    strategy: Any, fname: str | os.PathLike[str], exclude: Collection[str] | None = None
+) -> None:
+    """Save ``strategy`` (model, optimizer, plugins, evaluator, clock, RNG) to ``fname``.
+
+    Same contract as ``avalanche.checkpointing.save_checkpoint``; call it between experiences,
+    never inside training. Only the process with rank 0 writes under ``torch.distributed``. The
+    file is written to a temporary name and renamed, so a run killed mid-save keeps the previous
+    checkpoint.
+    """
+    import torch.distributed as dist
+    from avalanche.checkpointing import save_checkpoint as avalanche_save
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    target = Path(fname)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        with optim_submodules_visible():
+            avalanche_save(strategy, tmp_name, exclude=exclude)
+        os.replace(tmp_name, target)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def maybe_load_checkpoint(
+    strategy: T,
+    fname: str | os.PathLike[str],
+    map_location: Any = None,
+    unique_objects: Any = None,
+) -> tuple[T, int]:
+    """Load ``fname`` into ``strategy`` if it exists; return ``(strategy, next experience index)``.
+
+    Same contract as ``avalanche.checkpointing.maybe_load_checkpoint`` (0 when there is no
+    file). Every rank may load the same file.
+    """
+    from avalanche.checkpointing import maybe_load_checkpoint as avalanche_load
+
+    with optim_submodules_visible():
+        return avalanche_load(
+            strategy, fname, map_location=map_location, unique_objects=unique_objects
+        )
+
+
+def find_plugin(strategy: Any, plugin_type: type[T]) -> T:
+    """The live plugin of ``plugin_type`` in ``strategy.plugins`` (use this after loading)."""
+    for plugin in strategy.plugins:
+        if isinstance(plugin, plugin_type):
+            return plugin
+    raise LookupError(f"strategy has no plugin of type {plugin_type.__name__}")

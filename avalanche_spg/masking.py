@@ -1,0 +1,98 @@
+"""Applying SPG's soft masks: fixed per-experience factors, fused in-place tensor ops.
+
+Spec ``spg-algorithm.md`` §2 (paper Section 3.2, Eq. 4-5): after ``backward()`` and before
+``optimizer.step()``, every feature-extractor gradient is multiplied elementwise by ``1 - A`` and
+every head gradient by the scalar ``1 - mean(A)``. The factors are computed once per experience
+on the parameters' device, so a training step does no allocation and no host-device transfer.
+
+The *update* variant (``mask="update"``) masks the parameter change of an optimizer step
+instead: ``theta <- theta_before + factor * (theta_after - theta_before)``, which holds under any
+optimizer (momentum, weight decay, Adam).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MaskSet"]
+
+
+@dataclass
+class MaskSet:
+    """The masks of one experience: which tensors get which factor.
+
+    :param feature_params: feature-extractor parameters that carry a mask.
+    :param feature_factors: ``1 - A`` for each of them (same shape, dtype and device).
+    :param head_params: head parameters (they get the scalar rule).
+    :param head_scale: ``1 - mean(A)``.
+    :param clip_head_norm: clip the head gradients to this total norm before scaling
+        (``None``: no clipping).
+    """
+
+    feature_params: list[nn.Parameter]
+    feature_factors: list[Tensor]
+    head_params: list[nn.Parameter]
+    head_scale: float
+    clip_head_norm: float | None = 1e4
+    _snapshots: list[Tensor] = field(default_factory=list, repr=False)
+
+    def mask_gradients(self) -> None:
+        """``grad *= factor`` for features, clip then ``grad *= head_scale`` for heads."""
+        grads: list[Tensor] = []
+        factors: list[Tensor] = []
+        for param, factor in zip(self.feature_params, self.feature_factors):
+            if param.grad is not None:
+                grads.append(param.grad)
+                factors.append(factor)
+        if grads:
+            torch._foreach_mul_(grads, factors)
+        self._mask_head_gradients(scale=True)
+
+    def _mask_head_gradients(self, scale: bool) -> None:
+        head = [p for p in self.head_params if p.grad is not None]
+        if not head:
+            return
+        if self.clip_head_norm is not None:
+            torch.nn.utils.clip_grad_norm_(head, self.clip_head_norm, foreach=True)
+        if scale and self.head_scale != 1.0:
+            torch._foreach_mul_([p.grad for p in head], self.head_scale)  # type: ignore[misc]
+
+    # --- update masking -----------------------------------------------------------------------
+    def snapshot(self) -> None:
+        """Remember the parameters before ``optimizer.step()`` (update-masking mode)."""
+        params = self._update_params()
+        if len(self._snapshots) != len(params) or any(
+            s.shape != p.shape for s, p in zip(self._snapshots, params)
+        ):
+            self._snapshots = [torch.empty_like(p) for p in params]
+        if params:
+            with torch.no_grad():
+                torch._foreach_copy_(self._snapshots, [p.detach() for p in params])
+        # Head gradients are still clipped in this mode (as the gradient mode does) so that both
+        # modes give the same trajectory under plain SGD.
+        self._mask_head_gradients(scale=False)
+
+    def mask_updates(self) -> None:
+        """``theta = before + factor * (theta - before)`` after ``optimizer.step()``."""
+        params = self._update_params()
+        if not params:
+            return
+        n_features = len(self.feature_params)
+        with torch.no_grad():
+            data = [p.detach() for p in params]
+            # lerp is exact at both ends: factor 0 gives `before` bit for bit (a fully important
+            # parameter does not move) and factor 1 gives the optimizer's result unchanged.
+            torch._foreach_lerp_(
+                self._snapshots[:n_features], data[:n_features], self.feature_factors
+            )
+            if len(data) > n_features:
+                torch._foreach_lerp_(
+                    self._snapshots[n_features:], data[n_features:], self.head_scale
+                )
+            torch._foreach_copy_(data, self._snapshots)
+
+    def _update_params(self) -> list[nn.Parameter]:
+        return [*self.feature_params, *self.head_params]

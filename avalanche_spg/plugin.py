@@ -1,0 +1,443 @@
+"""``SPGPlugin``: SPG (Konishi et al., ICML 2023) as an Avalanche ``SupervisedPlugin``.
+
+Where things happen:
+
+* importance after each experience: :meth:`SPGPlugin.after_training_exp`, which calls
+  :func:`avalanche_spg.importance_pass.compute_gamma` and
+  :func:`avalanche_spg.importance.max_accumulate`;
+* gradient masking before ``optimizer.step()``: :meth:`SPGPlugin.before_update`, which calls
+  :meth:`avalanche_spg.masking.MaskSet.mask_gradients`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import Tensor, nn
+
+from avalanche_spg.importance import fit_to_shape, head_scale, max_accumulate
+from avalanche_spg.importance_pass import ImportanceMethod, compute_gamma
+from avalanche_spg.masking import MaskSet
+
+__all__ = ["SPGPlugin", "SPGOptimizerWarning", "HeadSelector", "unwrap_model"]
+
+#: How heads are chosen: module-name prefixes, or a predicate on (parameter name, parameter).
+HeadSelector = Sequence[str] | Callable[[str, nn.Parameter], bool]
+MaskMode = Literal["grad", "update"]
+
+_STATE_VERSION = 1
+
+
+class SPGOptimizerWarning(UserWarning):
+    """The optimizer makes gradient masking only an approximate soft freeze."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or ``model``)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def _default_head_names(model: nn.Module) -> set[str]:
+    from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+
+    prefixes = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (MultiHeadClassifier, IncrementalClassifier))
+    ]
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if any(name == p or name.startswith(p + ".") for p in prefixes if p) or "" in prefixes
+    }
+
+
+class SPGPlugin(SupervisedPlugin, supports_distributed=True):
+    """Parameter-level soft-masking (SPG), Konishi et al., ICML 2023 (arXiv 2306.14775).
+
+    After each experience SPG measures how important every feature-extractor parameter is to the
+    tasks seen so far (standardised, ``|tanh|``-squashed gradients of the current head's loss and
+    of every older head's logit sum, Section 3.1) and keeps the elementwise maximum over tasks.
+    While training later experiences it multiplies each feature gradient by ``1 - importance``
+    and each head gradient by ``1 - mean(importance)`` (Section 3.2), so what earlier tasks need
+    barely moves while unimportant parameters stay fully plastic.
+
+    Task-incremental by design: use a ``MultiTaskModule`` with a ``MultiHeadClassifier`` and a
+    benchmark with task labels. A model without task heads gets single-head behaviour: every
+    trainable parameter is a feature parameter and importance comes from the current loss only.
+
+    Exact soft freezing needs plain SGD (no momentum, no weight decay), as in the paper. Other
+    optimizers trigger one :class:`SPGOptimizerWarning`; use ``mask="update"`` and/or
+    ``reset_optimizer_state=True`` for them.
+
+    :param heads: which parameters are task heads (the scalar head rule applies to them; they get
+        no importance). ``None`` (default): every parameter inside an Avalanche
+        ``MultiHeadClassifier`` or ``IncrementalClassifier``. A sequence of module names selects
+        the parameters inside those modules; a callable ``(name, param) -> bool`` decides per
+        parameter. Every other trainable parameter is a feature parameter.
+    :param clip_head_grad_norm: clip the head gradients' total norm to this value before scaling
+        them, as the reference code does (``1e4``; a safety net that rarely fires). ``None``
+        disables it.
+    :param importance_method: ``"fast"`` (default; one forward per minibatch shared by all heads,
+        gradients of the feature extractor only, larger minibatches; same result as the loop up to
+        float rounding when the model has no dropout) or ``"reference"`` (the straightforward
+        per-head loop of the paper).
+    :param importance_batch_size: the reference minibatch size whose per-batch mean losses are
+        summed (Section 3.1 sums over the task's minibatches). ``None``: the strategy's
+        ``train_mb_size``.
+    :param importance_pass_batch_size: minibatch size used by the fast pass (``None``: a
+        multiple of the reference size near 512). Does not change the result.
+    :param importance_max_samples: estimate importance on the first N samples of a random
+        permutation (fixed seed) of the experience instead of on all of it. ``None`` (default)
+        follows the paper: the whole experience.
+    :param mask: ``"grad"`` (default, the paper): scale gradients in ``before_update``.
+        ``"update"``: scale the parameter change of each optimizer step instead, which is an exact
+        soft freeze under any optimizer (momentum, weight decay, Adam).
+    :param reset_optimizer_state: clear the optimizer's state (momentum buffers, Adam moments) at
+        the start of every experience, as the reference's fresh optimizer per task does.
+    :param warn_optimizer: warn once if the optimizer makes gradient masking approximate.
+    :param num_workers: DataLoader workers for the importance pass.
+    """
+
+    def __init__(
+        self,
+        heads: HeadSelector | None = None,
+        clip_head_grad_norm: float | None = 1e4,
+        importance_method: ImportanceMethod = "fast",
+        importance_batch_size: int | None = None,
+        importance_pass_batch_size: int | None = None,
+        importance_max_samples: int | None = None,
+        mask: MaskMode = "grad",
+        reset_optimizer_state: bool = False,
+        warn_optimizer: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if heads is not None and not callable(heads):
+            if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
+                raise ValueError(
+                    "heads must be None, a sequence of module names or a callable "
+                    f"(name, param) -> bool; got {heads!r}"
+                )
+        if clip_head_grad_norm is not None and not clip_head_grad_norm > 0:
+            raise ValueError(
+                "clip_head_grad_norm must be a positive number or None, got "
+                f"{clip_head_grad_norm!r}"
+            )
+        if importance_method not in ("fast", "reference"):
+            raise ValueError(
+                f"importance_method must be 'fast' or 'reference', got {importance_method!r}"
+            )
+        for arg_name, value in (
+            ("importance_batch_size", importance_batch_size),
+            ("importance_pass_batch_size", importance_pass_batch_size),
+            ("importance_max_samples", importance_max_samples),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{arg_name} must be a positive int or None, got {value!r}")
+        if mask not in ("grad", "update"):
+            raise ValueError(f"mask must be 'grad' or 'update', got {mask!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+
+        self.heads = heads
+        self.clip_head_grad_norm = clip_head_grad_norm
+        self.importance_method: ImportanceMethod = importance_method
+        self.importance_batch_size = importance_batch_size
+        self.importance_pass_batch_size = importance_pass_batch_size
+        self.importance_max_samples = importance_max_samples
+        self.mask: MaskMode = mask
+        self.reset_optimizer_state = reset_optimizer_state
+        self.warn_optimizer = warn_optimizer
+        self.num_workers = num_workers
+
+        # State that survives a checkpoint (plain data).
+        self._importance: dict[str, Tensor] = {}
+        self._seen_tasks: list[int] = []
+        self._experiences_seen = 0
+        #: Seconds spent in the last importance pass (for benchmarks).
+        self.last_importance_seconds = 0.0
+
+        # Per-experience working state, rebuilt at every experience.
+        self._masks: MaskSet | None = None
+        self._head_scale = 1.0
+        self._warned_optimizer = False
+        self._iterations_this_exp = 0
+        self._updates_this_exp = 0
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def importance(self) -> dict[str, Tensor]:
+        """Accumulated importance ``A``: ``{parameter name: tensor in [0, 1)}``.
+
+        Keys are the names of ``model.named_parameters()`` (of the unwrapped model under
+        DDP) for the feature parameters only; shapes equal the parameters' shapes.
+        """
+        return dict(self._importance)
+
+    @property
+    def head_scale(self) -> float:
+        """The scalar ``1 - mean(A)`` applied to head gradients (1.0 before any importance)."""
+        return self._head_scale
+
+    @property
+    def seen_tasks(self) -> list[int]:
+        """Task labels trained so far, in order of first appearance."""
+        return list(self._seen_tasks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plugin's persistent state as plain data (tensors on CPU)."""
+        return {
+            "version": _STATE_VERSION,
+            "importance": {k: v.detach().cpu().clone() for k, v in self._importance.items()},
+            "seen_tasks": list(self._seen_tasks),
+            "experiences_seen": self._experiences_seen,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned. Values must lie in ``[0, 1]``."""
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(f"unsupported SPGPlugin state version {version!r}")
+        importance = {}
+        for name, value in state["importance"].items():
+            tensor = torch.as_tensor(value).detach().float().clone()
+            if (
+                not bool(torch.isfinite(tensor).all())
+                or bool((tensor < 0).any())
+                or bool((tensor > 1).any())
+            ):
+                raise ValueError(f"importance of {name!r} must be finite and in [0, 1]")
+            importance[name] = tensor
+        self._importance = importance
+        self._seen_tasks = [int(t) for t in state["seen_tasks"]]
+        self._experiences_seen = int(state["experiences_seen"])
+        self._head_scale = head_scale(self._importance)
+        self._masks = None
+
+    # ------------------------------------------------------------------ partition
+    def split_parameters(
+        self, model: nn.Module
+    ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+        """``(feature_params, head_params)`` of ``model`` by name (trainable parameters only)."""
+        model = unwrap_model(model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if self.heads is None:
+            head_names = _default_head_names(model)
+            is_head = [n in head_names for n, _ in named]
+        elif callable(self.heads):
+            is_head = [bool(self.heads(n, p)) for n, p in named]
+        else:
+            module_names = dict(model.named_modules())
+            missing = [h for h in self.heads if h not in module_names]
+            if missing:
+                raise ValueError(
+                    f"heads names modules that the model does not have: {missing}; "
+                    f"modules are e.g. {list(module_names)[1:8]}"
+                )
+            prefixes = list(self.heads)
+            is_head = [any(n.startswith(h + ".") for h in prefixes) for n, _ in named]
+        features = {n: p for (n, p), head in zip(named, is_head) if not head}
+        heads = {n: p for (n, p), head in zip(named, is_head) if head}
+        return features, heads
+
+    # ------------------------------------------------------------------ callbacks
+    def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Refuse strategies that never call ``before_update`` (masking would be a no-op)."""
+        from avalanche.training.templates import SupervisedMetaLearningTemplate
+
+        if isinstance(strategy, SupervisedMetaLearningTemplate):
+            raise RuntimeError(
+                f"SPGPlugin cannot work with {type(strategy).__name__}: meta-learning strategies "
+                "(MER, LaMAML) call optimizer.step() themselves and never fire before_update, "
+                "so SPG's gradient masks would silently do nothing."
+            )
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Fix ``1 - A`` and the head scale for this experience, on the parameters' device."""
+        self._iterations_this_exp = 0
+        self._updates_this_exp = 0
+        if self.reset_optimizer_state:
+            strategy.optimizer.state.clear()
+        if self.warn_optimizer and not self._warned_optimizer and self.mask == "grad":
+            reason = _approximate_masking_reason(strategy.optimizer)
+            if reason is not None:
+                self._warned_optimizer = True
+                warnings.warn(
+                    f"SPGPlugin: the optimizer {reason}, so masking gradients is only an "
+                    "approximate soft freeze (a parameter with importance 1 still moves). Use "
+                    "SPGPlugin(mask='update') to mask the parameter change itself, and/or "
+                    "reset_optimizer_state=True; plain SGD matches the paper.",
+                    SPGOptimizerWarning,
+                    stacklevel=2,
+                )
+        self._masks = self._build_masks(strategy.model)
+
+    def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Scale the gradients (``mask='grad'``) or remember the parameters (``'update'``)."""
+        self._updates_this_exp += 1
+        masks = self._masks
+        if masks is None:
+            return
+        if self.mask == "grad":
+            masks.mask_gradients()
+        else:
+            masks.snapshot()
+
+    def after_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """In ``mask='update'`` mode, scale the change the optimizer just made."""
+        if self.mask == "update" and self._masks is not None:
+            self._masks.mask_updates()
+
+    def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Count iterations, to detect a strategy that skipped ``before_update``."""
+        self._iterations_this_exp += 1
+        if self._iterations_this_exp == 1 and self._updates_this_exp == 0:
+            raise RuntimeError(
+                f"SPGPlugin: {type(strategy).__name__} finished a training iteration without "
+                "calling before_update; SPG's masks would silently do nothing. Use a strategy "
+                "based on Avalanche's SGDUpdate (Naive, Replay, EWC, ...)."
+            )
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Compute this experience's importance and fold it into ``A`` (Section 3.1)."""
+        self._masks = None  # frees the factor buffers between experiences
+        experience = strategy.experience
+        current = [int(t) for t in getattr(experience, "task_labels", [0])]
+        started = time.perf_counter()
+        gamma = self._compute_gamma(strategy, current)
+        max_accumulate(self._importance, gamma)
+        for task in current:
+            if task not in self._seen_tasks:
+                self._seen_tasks.append(task)
+        self._experiences_seen += 1
+        self._head_scale = head_scale(self._importance)
+        self.last_importance_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ internals
+    def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
+        model = unwrap_model(strategy.model)
+        features, _ = self.split_parameters(model)
+        # The experience's own training data (not strategy.dataloader, which replay plugins
+        # extend), with the training transforms, in a fixed order.
+        dataset = strategy.experience.dataset.train()
+        if self.importance_max_samples is not None and self.importance_max_samples < len(dataset):
+            generator = torch.Generator().manual_seed(self._experiences_seen)
+            chosen = torch.randperm(len(dataset), generator=generator)
+            dataset = _SubsetWithCollate(
+                dataset, sorted(chosen[: self.importance_max_samples].tolist())
+            )
+        total = len(dataset)
+        indices: list[int] | None = None
+        reducer = None
+        shard = _distributed_shard(total)
+        if shard is not None:
+            indices, reducer = shard
+        return compute_gamma(
+            model,
+            dataset,
+            features,
+            current,
+            self._seen_tasks,
+            device=strategy.device,
+            reference_batch_size=self.importance_batch_size or strategy.train_mb_size,
+            method=self.importance_method,
+            pass_batch_size=self.importance_pass_batch_size,
+            indices=indices,
+            total_samples=total,
+            grad_reducer=reducer,
+            num_workers=self.num_workers,
+        )
+
+    def _build_masks(self, model: nn.Module) -> MaskSet | None:
+        if not self._importance:
+            self._head_scale = 1.0
+            return None  # first experience: nothing is masked
+        features, heads = self.split_parameters(model)
+        feature_params: list[nn.Parameter] = []
+        factors: list[Tensor] = []
+        for name, param in features.items():
+            value = self._importance.get(name)
+            if value is None:
+                continue  # a parameter that appeared later: importance 0, nothing to mask
+            if value.shape != param.shape:
+                if value.dim() != param.dim():
+                    raise ValueError(
+                        f"parameter {name!r} changed from shape {tuple(value.shape)} to "
+                        f"{tuple(param.shape)}; SPG can follow a tensor that grows, not one "
+                        "whose number of dimensions changes"
+                    )
+                # A grown tensor: its new part gets importance 0.
+                value = fit_to_shape(value, [max(a, b) for a, b in zip(value.shape, param.shape)])
+            value = value.to(param.device)
+            self._importance[name] = value  # kept on the parameter's device from now on
+            feature_params.append(param)
+            factors.append((1.0 - fit_to_shape(value, param.shape)).to(param.dtype))
+        self._head_scale = head_scale(self._importance)
+        return MaskSet(
+            feature_params=feature_params,
+            feature_factors=factors,
+            head_params=list(heads.values()),
+            head_scale=self._head_scale,
+            clip_head_norm=self.clip_head_grad_norm,
+        )
+
+
+class _SubsetWithCollate(torch.utils.data.Dataset):
+    """A subset that keeps the parent dataset's ``collate_fn``."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset = dataset
+        self.indices = indices
+        self.collate_fn = getattr(dataset, "collate_fn", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
+def _approximate_masking_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why gradient masking is not an exact soft freeze under ``optimizer`` (or ``None``)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            if group.get("momentum", 0) > 0:
+                return f"uses momentum ({group['momentum']})"
+            if group.get("weight_decay", 0) > 0:
+                return f"uses weight decay ({group['weight_decay']})"
+        return None
+    return f"is {type(optimizer).__name__} (adaptive or stateful, not plain SGD)"
+
+
+def _distributed_shard(total: int) -> tuple[list[int], Callable[[list[Tensor]], None]] | None:
+    """This rank's positions and a summing all-reduce, when running under torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def all_reduce_sum(tensors: list[Tensor]) -> None:
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+    return list(range(rank, total, world)), all_reduce_sum
