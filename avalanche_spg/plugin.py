@@ -20,6 +20,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
+from avalanche_spg.class_incremental import compute_gamma_class_incremental
 from avalanche_spg.importance import fit_to_shape, head_scale, max_accumulate
 from avalanche_spg.importance_pass import ImportanceMethod, compute_gamma
 from avalanche_spg.masking import MaskSet
@@ -106,6 +107,11 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
         the start of every experience, as the reference's fresh optimizer per task does.
     :param warn_optimizer: warn once if the optimizer makes gradient masking approximate.
     :param num_workers: DataLoader workers for the importance pass.
+    :param class_incremental: beyond the paper — for a single shared (growing) classifier and no
+        task labels. Class groups (the classes of each experience) play the role of task heads
+        in the importance pass, and each classifier row gets its own importance from the
+        experience that introduced its class instead of the scalar head rule. Exactly what it
+        does: :mod:`avalanche_spg.class_incremental`.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
         reset_optimizer_state: bool = False,
         warn_optimizer: bool = True,
         num_workers: int = 0,
+        class_incremental: bool = False,
     ) -> None:
         super().__init__()
         if heads is not None and not callable(heads):
@@ -161,10 +168,12 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
         self.reset_optimizer_state = reset_optimizer_state
         self.warn_optimizer = warn_optimizer
         self.num_workers = num_workers
+        self.class_incremental = bool(class_incremental)
 
         # State that survives a checkpoint (plain data).
         self._importance: dict[str, Tensor] = {}
         self._seen_tasks: list[int] = []
+        self._class_groups: list[list[int]] = []
         self._experiences_seen = 0
         #: Seconds spent in the last importance pass (for benchmarks).
         self.last_importance_seconds = 0.0
@@ -182,7 +191,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
         """Accumulated importance ``A``: ``{parameter name: tensor in [0, 1)}``.
 
         Keys are the names of ``model.named_parameters()`` (of the unwrapped model under
-        DDP) for the feature parameters only; shapes equal the parameters' shapes.
+        DDP) for the feature parameters only (with ``class_incremental=True`` also the
+        classifier's, row by row); shapes equal the parameters' shapes.
         """
         return dict(self._importance)
 
@@ -202,6 +212,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
             "version": _STATE_VERSION,
             "importance": {k: v.detach().cpu().clone() for k, v in self._importance.items()},
             "seen_tasks": list(self._seen_tasks),
+            "class_groups": [list(g) for g in self._class_groups],
             "experiences_seen": self._experiences_seen,
         }
 
@@ -222,6 +233,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
             importance[name] = tensor
         self._importance = importance
         self._seen_tasks = [int(t) for t in state["seen_tasks"]]
+        self._class_groups = [[int(c) for c in g] for g in state.get("class_groups", [])]
         self._experiences_seen = int(state["experiences_seen"])
         self._head_scale = head_scale(self._importance)
         self._masks = None
@@ -321,6 +333,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
         for task in current:
             if task not in self._seen_tasks:
                 self._seen_tasks.append(task)
+        classes = sorted(int(c) for c in getattr(experience, "classes_in_this_experience", []))
+        self._class_groups.append(classes)
         self._experiences_seen += 1
         self._head_scale = head_scale(self._importance)
         self.last_importance_seconds = time.perf_counter() - started
@@ -328,7 +342,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
     # ------------------------------------------------------------------ internals
     def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
         model = unwrap_model(strategy.model)
-        features, _ = self.split_parameters(model)
+        features, heads = self.split_parameters(model)
         # The experience's own training data (not strategy.dataloader, which replay plugins
         # extend), with the training transforms, in a fixed order.
         dataset = strategy.experience.dataset.train()
@@ -337,6 +351,18 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
             chosen = torch.randperm(len(dataset), generator=generator)
             dataset = _SubsetWithCollate(
                 dataset, sorted(chosen[: self.importance_max_samples].tolist())
+            )
+        if self.class_incremental:
+            return compute_gamma_class_incremental(
+                model,
+                dataset,
+                features,
+                heads,
+                strategy.experience.classes_in_this_experience,
+                self._class_groups,
+                device=strategy.device,
+                batch_size=self.importance_batch_size or strategy.train_mb_size,
+                num_workers=self.num_workers,
             )
         total = len(dataset)
         indices: list[int] | None = None
@@ -365,6 +391,9 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):
             self._head_scale = 1.0
             return None  # first experience: nothing is masked
         features, heads = self.split_parameters(model)
+        if self.class_incremental:
+            # Classifier rows carry their own importance: masked elementwise like features.
+            features, heads = {**features, **heads}, {}
         feature_params: list[nn.Parameter] = []
         factors: list[Tensor] = []
         for name, param in features.items():

@@ -1,0 +1,143 @@
+"""SPG beyond the paper: one shared, growing classifier and no task labels (class-incremental).
+
+The paper (and ``spg-algorithm.md``) is task-incremental: one head per task, the task label known
+at test time. In a class-incremental stream there is a single head whose rows are the classes seen
+so far. ``SPGPlugin(class_incremental=True)`` maps SPG onto it as follows, with *class groups*
+(the classes of each experience) playing the role of task heads:
+
+Feature extractor (every trainable parameter outside the classifier)
+    As in the paper, with the logits of class group ``j`` in place of head ``j``: the current
+    experience contributes the gradient of its ordinary loss (cross-entropy over the whole output,
+    batch mean), and every earlier group contributes the gradient of the sum of *its classes'*
+    logits over the current data. Each tensor is standardised, squashed with ``|tanh|`` and
+    max-accumulated, exactly as in §1 of the spec.
+
+Classifier rows (the parameters that :meth:`SPGPlugin.split_parameters` calls heads)
+    The scalar head rule of the paper makes no sense for a head shared by all classes, so each
+    class's row gets its own importance instead: after experience ``k`` the summed gradient of the
+    current loss, restricted to the rows of ``k``'s classes, is standardised over those rows and
+    squashed (``|tanh|``); rows of other classes get 0 from this experience. The accumulated
+    maximum therefore protects the rows of old classes by *their own* importance (computed when
+    they were learned), while rows of classes not seen yet (added when the classifier grows)
+    start at importance 0 and are fully plastic. Rows are masked elementwise by ``1 - A`` like
+    any feature tensor; no scalar head rule applies.
+
+Everything is computed with the straightforward loop (one forward and backward per group and
+minibatch), in float32, on the experience's own training data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from avalanche_spg.importance import standardized_importance
+from avalanche_spg.importance_pass import preserve_train_flags
+
+__all__ = ["compute_gamma_class_incremental", "row_importance"]
+
+
+def row_importance(grad: Tensor, rows: Sequence[int]) -> Tensor:
+    """Importance of a classifier tensor whose first dimension indexes classes.
+
+    ``|tanh(standardise(grad[rows]))|`` written into ``rows`` (standardised over the elements of
+    those rows only); every other row is 0. Unusable gradients give 0, as everywhere.
+    """
+    out = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+    rows = [r for r in rows if 0 <= r < grad.shape[0]]
+    if rows:
+        index = torch.as_tensor(rows, device=grad.device)
+        out[index] = standardized_importance(grad[index])
+    return out
+
+
+def _model_output(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+    from avalanche.models.utils import avalanche_forward
+
+    return avalanche_forward(model, x, t)
+
+
+def compute_gamma_class_incremental(
+    model: nn.Module,
+    dataset: Dataset,
+    feature_params: Mapping[str, nn.Parameter],
+    row_params: Mapping[str, nn.Parameter],
+    current_classes: Sequence[int],
+    previous_groups: Sequence[Sequence[int]],
+    *,
+    device: torch.device | str,
+    batch_size: int,
+    num_workers: int = 0,
+) -> dict[str, Tensor]:
+    """``gamma`` of one class-incremental experience (see the module docstring).
+
+    :param model: the model at the end of the experience (single head; task labels ignored).
+    :param dataset: the experience's training data, yielding ``[x, y, ...]``.
+    :param feature_params: parameters outside the classifier, by name.
+    :param row_params: classifier parameters whose first dimension indexes classes, by name.
+    :param current_classes: classes of the experience just trained.
+    :param previous_groups: the classes of each earlier experience.
+    :param device: where the passes run.
+    :param batch_size: the reference minibatch size (per-minibatch mean losses are summed).
+    :param num_workers: DataLoader workers.
+    :return: ``{name: gamma}`` for every feature and row parameter, float32.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    current = sorted({int(c) for c in current_classes})
+    groups = [sorted({int(c) for c in g} - set(current)) for g in previous_groups]
+    groups = [g for g in groups if g]
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=getattr(dataset, "collate_fn", None),
+        num_workers=num_workers,
+    )
+    feature_names = list(feature_params)
+    row_names = list(row_params)
+    all_params = [feature_params[n] for n in feature_names] + [row_params[n] for n in row_names]
+
+    gamma: dict[str, Tensor] = {}
+
+    def fold(name: str, value: Tensor) -> None:
+        old = gamma.get(name)
+        gamma[name] = value if old is None else torch.maximum(old, value)
+
+    with preserve_train_flags(model, True), torch.enable_grad():
+        for group in [None, *groups]:  # None: the current loss
+            sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
+            model.zero_grad(set_to_none=True)
+            for batch in loader:
+                x, y = batch[0].to(device), batch[1].to(device)
+                t = (
+                    batch[2].to(device)
+                    if len(batch) > 2 and isinstance(batch[2], Tensor)
+                    else torch.zeros_like(y)
+                )
+                out = _model_output(model, x, t)
+                if group is None:
+                    loss = F.cross_entropy(out, y)
+                else:
+                    columns = [c for c in group if c < out.shape[1]]
+                    if not columns:
+                        continue
+                    loss = out[:, columns].sum()
+                grads = torch.autograd.grad(loss, all_params, allow_unused=True)
+                for acc, grad in zip(sums, grads):
+                    if grad is not None:
+                        acc.add_(grad.float())
+            for name, param, summed in zip(feature_names, all_params, sums):
+                fold(name, standardized_importance(summed, like=param))
+            if group is None:
+                offset = len(feature_names)
+                for i, name in enumerate(row_names):
+                    fold(name, row_importance(sums[offset + i], current))
+        model.zero_grad(set_to_none=True)
+    for name, param in row_params.items():
+        gamma.setdefault(name, torch.zeros(param.shape, dtype=torch.float32, device=param.device))
+    return gamma
