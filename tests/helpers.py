@@ -1,0 +1,277 @@
+"""Shared builders for the test-suite: digits benchmarks, tiny models, probe plugins, and an
+independent reference implementation of SPG's importance pass.
+
+The reference implementation below is written straight from the pseudocode of
+``spg-algorithm.md`` §1 and deliberately shares no code with ``avalanche_spg``: the tests compare
+the plugin against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.benchmarks import nc_benchmark
+from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from avalanche_spg.models import MultiHeadMLP
+
+DIGITS_FEATURES = 64
+
+
+# --------------------------------------------------------------------------------------- data
+class TensorDigits(Dataset):
+    """An in-memory classification dataset with the ``targets`` list ``nc_benchmark`` needs."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x = x
+        self.y = y
+        self.targets = y.tolist()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.x[index], int(self.y[index])
+
+
+@functools.cache
+def digits_tensors() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 real 8x8 digits as ``(x in [0, 1], float32, (N, 64); y, int64)``,
+    in a fixed shuffled order (so any prefix holds every class)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+    return x[perm].contiguous(), y[perm].contiguous()
+
+
+def make_digits_benchmark(
+    n_experiences: int = 5,
+    *,
+    task_labels: bool = True,
+    n_train: int = 1400,
+    n_test: int = 397,
+    seed: int = 0,
+) -> Any:
+    """A class-split benchmark on digits (task-incremental by default: 2 classes per task,
+    labels from 0 in every task). ``n_train``/``n_test`` take prefixes of the shuffled data."""
+    x, y = digits_tensors()
+    if n_train + n_test > len(y):
+        raise ValueError("digits has only 1,797 samples")
+    train = TensorDigits(x[:n_train], y[:n_train])
+    test = TensorDigits(x[n_train : n_train + n_test], y[n_train : n_train + n_test])
+    return nc_benchmark(
+        train,
+        test,
+        n_experiences=n_experiences,
+        task_labels=task_labels,
+        class_ids_from_zero_in_each_exp=task_labels,
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------------------------- models
+def make_mlp(hidden: Sequence[int] = (16,), dropout: float = 0.0, seed: int = 0) -> MultiHeadMLP:
+    """A tiny multi-head MLP for digits, deterministically initialised."""
+    torch.manual_seed(seed)
+    return MultiHeadMLP(DIGITS_FEATURES, hidden_sizes=tuple(hidden), dropout=dropout)
+
+
+class PlainMLP(nn.Module):
+    """A single-head model without task heads (a plain ``nn.Module``)."""
+
+    def __init__(self, hidden: int = 16, n_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(DIGITS_FEATURES, hidden), nn.ReLU())
+        self.out = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x))
+
+
+class CastingMultiHeadMLP(MultiTaskModule):
+    """A multi-head MLP that casts its input to its own dtype (for bfloat16 tests)."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(DIGITS_FEATURES, hidden), nn.ReLU())
+        self.classifier = MultiHeadClassifier(hidden, initial_out_features=2)
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        x = x.to(self.features[0].weight.dtype)
+        return self.classifier(self.features(x), task_label)
+
+
+def feature_param_names(model: nn.Module, head_prefix: str = "classifier.") -> set[str]:
+    """Names of the trainable parameters outside the default head module."""
+    return {
+        n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(head_prefix)
+    }
+
+
+# --------------------------------------------------------------------------------- strategies
+def quiet_evaluator() -> EvaluationPlugin:
+    """An evaluator with no metrics and no loggers (no console output)."""
+    return EvaluationPlugin(loggers=[])
+
+
+def make_naive(
+    model: nn.Module,
+    plugins: Iterable[SupervisedPlugin] = (),
+    *,
+    lr: float = 0.1,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_mb_size: int = 32,
+    train_epochs: int = 1,
+    evaluator: Any = None,
+    strategy_cls: type = Naive,
+    **kwargs: Any,
+) -> Any:
+    """A small strategy (``Naive`` by default) with plain SGD unless ``optimizer`` is given."""
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return strategy_cls(
+        model=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=train_mb_size,
+        train_epochs=train_epochs,
+        eval_mb_size=256,
+        plugins=list(plugins),
+        evaluator=evaluator if evaluator is not None else quiet_evaluator(),
+        device="cpu",
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------- probe plugins
+class GradRecorder(SupervisedPlugin):
+    """Records a clone of every parameter's gradient (by name) at each ``before_update``.
+
+    Placed before ``SPGPlugin`` in the plugin list it sees the raw gradients; placed after it,
+    the masked ones. ``records[e]`` is the list of per-iteration snapshots of experience ``e``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[list[dict[str, Tensor | None]]] = []
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.records.append([])
+
+    def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.records[-1].append(
+            {
+                n: (None if p.grad is None else p.grad.detach().clone())
+                for n, p in strategy.model.named_parameters()
+            }
+        )
+
+
+class CallbackProbe(SupervisedPlugin):
+    """Runs user functions ``fn(strategy)`` at named callbacks (for before/after SPG checks)."""
+
+    def __init__(self, **callbacks: Callable[[Any], None]) -> None:
+        super().__init__()
+        self._callbacks = callbacks
+
+    def _run(self, name: str, strategy: Any) -> None:
+        fn = self._callbacks.get(name)
+        if fn is not None:
+            fn(strategy)
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._run("before_training_exp", strategy)
+
+    def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._run("before_update", strategy)
+
+    def after_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._run("after_update", strategy)
+
+    def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._run("after_training_iteration", strategy)
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._run("after_training_exp", strategy)
+
+
+# ------------------------------------------------------- independent reference implementation
+def _usable(grad: Tensor | None) -> bool:
+    """Spec §1: not None, all finite, not all zero, >= 2 elements, std finite and > 0."""
+    if grad is None or grad.numel() < 2:
+        return False
+    g = grad.double()
+    if not torch.isfinite(g).all() or not (g != 0).any():
+        return False
+    std = g.std()
+    return bool(torch.isfinite(std)) and float(std) > 0
+
+
+def reference_gamma(
+    model: nn.Module,
+    dataset: Dataset,
+    previous_tasks: Sequence[int],
+    current_task: int,
+    batch_size: int,
+    feature_names: Iterable[str] | None = None,
+) -> dict[str, Tensor]:
+    """``gamma`` of one experience, computed on a deep copy of ``model`` exactly as the spec's
+    pseudocode says: for every head ``j`` in ``prev + [k]``, zero the grads, sum the gradients
+    of ``CE(out, y)`` (``j == k``) or ``out.sum()`` (``j != k``) over the experience's
+    minibatches in fixed order, then per feature tensor ``|tanh((G - mean) / std)|``, max over
+    heads."""
+    model = copy.deepcopy(model)
+    model.train()
+    names = set(feature_param_names(model) if feature_names is None else feature_names)
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    gamma = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for j in [*previous_tasks, current_task]:
+        model.zero_grad()
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            out = model(x, task_labels=j) if isinstance(model, MultiTaskModule) else model(x)
+            loss = F.cross_entropy(out, y) if j == current_task else out.sum()
+            loss.backward()
+        for n, p in params.items():
+            if not _usable(p.grad):
+                continue
+            g = p.grad.detach().float()
+            z = (g - g.mean()) / g.std()
+            gamma[n] = torch.maximum(gamma[n], torch.tanh(z).abs())
+    model.zero_grad()
+    return gamma
+
+
+def reference_accumulate(accumulated: dict[str, Tensor], gamma: dict[str, Tensor]) -> None:
+    """``A = max(A, gamma)`` elementwise, in place."""
+    for n, g in gamma.items():
+        accumulated[n] = g.clone() if n not in accumulated else torch.maximum(accumulated[n], g)
+
+
+def snapshot_params(model: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch, numpy and random."""
+    import random
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
