@@ -103,7 +103,10 @@ class PlainMLP(nn.Module):
 
 
 class CastingMultiHeadMLP(MultiTaskModule):
-    """A multi-head MLP that casts its input to its own dtype (for bfloat16 tests)."""
+    """A multi-head MLP whose feature extractor runs in its own dtype (e.g. bfloat16).
+
+    Heads are created lazily by Avalanche in float32, so features are cast to float32 before
+    the head (Avalanche's multi-task forward assembles its output in float32 anyway)."""
 
     def __init__(self, hidden: int = 16) -> None:
         super().__init__()
@@ -112,7 +115,7 @@ class CastingMultiHeadMLP(MultiTaskModule):
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         x = x.to(self.features[0].weight.dtype)
-        return self.classifier(self.features(x), task_label)
+        return self.classifier(self.features(x).float(), task_label)
 
 
 def feature_param_names(model: nn.Module, head_prefix: str = "classifier.") -> set[str]:
@@ -137,6 +140,7 @@ def make_naive(
     train_mb_size: int = 32,
     train_epochs: int = 1,
     evaluator: Any = None,
+    criterion: Any = None,
     strategy_cls: type = Naive,
     **kwargs: Any,
 ) -> Any:
@@ -146,7 +150,7 @@ def make_naive(
     return strategy_cls(
         model=model,
         optimizer=optimizer,
-        criterion=nn.CrossEntropyLoss(),
+        criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
         train_mb_size=train_mb_size,
         train_epochs=train_epochs,
         eval_mb_size=256,
