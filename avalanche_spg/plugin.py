@@ -62,7 +62,7 @@ def _default_head_names(model: nn.Module) -> set[str]:
     }
 
 
-class SPGPlugin(SupervisedPlugin, supports_distributed=True):
+class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Parameter-level soft-masking (SPG), Konishi et al., ICML 2023 (arXiv 2306.14775).
 
     After each experience SPG measures how important every feature-extractor parameter is to the
