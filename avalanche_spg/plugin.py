@@ -345,7 +345,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         features, heads = self.split_parameters(model)
         # The experience's own training data (not strategy.dataloader, which replay plugins
         # extend), with the training transforms, in a fixed order.
-        dataset = strategy.experience.dataset.train()
+        dataset = strategy.experience.dataset
+        dataset = dataset.train() if hasattr(dataset, "train") else dataset
         if self.importance_max_samples is not None and self.importance_max_samples < len(dataset):
             generator = torch.Generator().manual_seed(self._experiences_seen)
             chosen = torch.randperm(len(dataset), generator=generator)
