@@ -22,6 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "Metric .* used by the EarlyStopping plugin",
         "higher not found",
         "Plugin .* implements incompatible callbacks",
+        "Avalanche is transitioning to strategy constructors",
     ):
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
 

@@ -65,6 +65,7 @@ def make_digits_benchmark(
     n_train: int = 1400,
     n_test: int = 397,
     seed: int = 0,
+    fixed_class_order: Sequence[int] | None = None,
 ) -> Any:
     """A class-split benchmark on digits (task-incremental by default: 2 classes per task,
     labels from 0 in every task). ``n_train``/``n_test`` take prefixes of the shuffled data."""
@@ -80,6 +81,7 @@ def make_digits_benchmark(
         task_labels=task_labels,
         class_ids_from_zero_in_each_exp=task_labels,
         seed=seed,
+        fixed_class_order=None if fixed_class_order is None else list(fixed_class_order),
     )
 
 
