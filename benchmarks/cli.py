@@ -1,0 +1,444 @@
+"""Command line of the benchmark suite: ``python -m benchmarks [options]`` runs a comparison,
+``python -m benchmarks report RUN_DIR`` rebuilds the tables and plots of a run directory.
+
+See ``python -m benchmarks --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._io import read_json, run_paths, write_json
+from benchmarks.catalog import BENCHMARKS, SOURCE_SHAPES, default_data_root, describe_benchmarks
+from benchmarks.methods import describe_methods, method_hparams, parse_hparams
+from benchmarks.methods import parse_methods as _parse_methods
+from benchmarks.protocols import PROTOCOLS, protocol_settings
+
+__all__ = ["main", "build_parser", "backbone_description"]
+
+DEFAULT_BENCHMARK = "split-digits"
+
+_DESCRIPTION = """\
+Continual-learning benchmark suite: SPG against the usual baselines on task-incremental
+streams (one head per task, task label given), written as JSON + CSV + a Markdown table +
+plots in a run directory that can be resumed.
+
+With no options: every method on split-digits (scikit-learn's bundled digits, no download),
+one seed, the quick protocol; prints the table in about a minute on two CPU cores."""
+
+_EPILOG = f"""\
+benchmarks (--benchmark):
+{describe_benchmarks()}
+
+methods (--methods, comma separated, or 'all'):
+{describe_methods()}
+
+protocols (--protocol):
+  quick   fixed --epochs (default 5), SGD lr 0.1 (no momentum), batch 64; MLP 64-64 (digits),
+          MLP 784-256-256 (MNIST-likes), AlexNet-like with 512 hidden units, no dropout
+          (32x32 colour datasets)
+  paper   the SPG paper's protocol: AlexNet-like (MLP 256-256 for the 8x8 digits), SGD lr
+          0.25, batch 64, fresh optimizer per task, 10% validation split per task,
+          ReduceLROnPlateau(factor 1/3, patience 4, min lr 1e-3) on the validation loss, stop
+          after 5 epochs without improvement at the lr floor (max --epochs, default 500),
+          best-validation weights restored at the end of every task, the paper's dropout
+
+data:
+  split-fmnist / perm-fmnist read Fashion-MNIST from --data-root; when it is not there, the
+  Debian package dataset-fashion-mnist's copy (/usr/share/datasets/fashion-mnist) is unzipped
+  into <data-root>/FashionMNIST/raw/, otherwise torchvision downloads it. MNIST, CIFAR-10/100
+  and TinyImageNet are read from (or downloaded to) --data-root as torchvision / Avalanche
+  lay them out (TinyImageNet: <data-root>/tinyimagenet/tiny-imagenet-200/).
+
+run directory (--out; default runs/<benchmark>-<protocol>-<hash of the settings>):
+  config.json                      settings and the commands that filled the directory
+  runs/<method>/seed<k>/result.json  one finished run: accuracy matrix R[i][j] (accuracy on
+                                   task j after learning task i), ACC, BWT, forgetting, times
+  summary.json, summary.csv, results.csv, matrices.csv, table.md, plots/*.png
+  A run with a result.json is skipped when the command is run again; a run that was killed
+  resumes after its last finished task (checkpoint.pkl, removed when the run ends). Runs with
+  different settings (epochs, lr, subsampling, hyperparameters) cannot share a directory.
+
+  python -m benchmarks report RUN_DIR   rebuilds summary/CSV/table/plots from the result files
+
+examples:
+  python -m benchmarks
+  python -m benchmarks --benchmark split-fmnist --methods naive,ewc,spg --seeds 0 1 2 --epochs 5
+  python -m benchmarks --benchmark perm-fmnist --max-train-per-task 10000 --methods all
+  python -m benchmarks --benchmark c10 --protocol paper --data-root ~/data --device cuda
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the epilog's layout and show defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _benchmark_name(text: str) -> str:
+    name = text.strip().lower()
+    if name not in BENCHMARKS:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark {text!r}; valid: {', '.join(BENCHMARKS)}"
+        )
+    return name
+
+
+def _methods(text: str) -> list[str]:
+    try:
+        return _parse_methods(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks`` (the run command)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    what = parser.add_argument_group("what to run")
+    what.add_argument(
+        "--benchmark",
+        type=_benchmark_name,
+        default=DEFAULT_BENCHMARK,
+        metavar="NAME",
+        help=f"the stream to learn; one of: {', '.join(BENCHMARKS)}",
+    )
+    what.add_argument(
+        "--methods",
+        type=_methods,
+        default="all",
+        metavar="LIST",
+        help="comma-separated methods, or 'all'; see the list below",
+    )
+    what.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="SEED",
+        help="seeds (each seed reshuffles the class order / permutations and the initialisation)",
+    )
+    what.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="quick",
+        help="training protocol (see below)",
+    )
+    what.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="override a method hyperparameter, e.g. ewc.ewc_lambda=1000 or "
+        "spg.spg_mask='update' (repeatable)",
+    )
+    train = parser.add_argument_group("training (defaults come from --protocol)")
+    train.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="epochs per task (quick: exactly this many, default 5; paper: the maximum, "
+        "default 500)",
+    )
+    train.add_argument(
+        "--lr", type=_positive_float, help="SGD learning rate (quick 0.1, paper 0.25)"
+    )
+    train.add_argument("--batch-size", type=_positive_int, help="training minibatch (64)")
+    train.add_argument("--eval-batch-size", type=_positive_int, help="evaluation minibatch (1024)")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="dataset folder (default: $AVALANCHE_SPG_DATA or ~/.avalanche/data)",
+    )
+    data.add_argument(
+        "--max-train-per-task",
+        type=_positive_int,
+        metavar="N",
+        help="keep at most N training samples per task (random, seeded; equal per class on "
+        "split streams; each permuted task draws its own subset). Test sets are never cut",
+    )
+    data.add_argument(
+        "--train-fraction",
+        type=_fraction,
+        metavar="F",
+        help="keep this fraction of every task's training samples (after --max-train-per-task)",
+    )
+    data.add_argument(
+        "--no-download", action="store_true", help="fail instead of downloading a missing dataset"
+    )
+    output = parser.add_argument_group("output and execution")
+    output.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run directory (default: runs/<benchmark>-<protocol>-<settings hash>); "
+        "rerunning a command resumes it",
+    )
+    output.add_argument(
+        "--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'"
+    )
+    output.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    output.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    output.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not checkpoint after every task (a killed run then restarts from task 1)",
+    )
+    output.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (one line per task only)"
+    )
+    output.add_argument("--quiet", action="store_true", help="print only the final table")
+    return parser
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks report``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks report",
+        description="Rebuild summary.json, the CSV files, table.md and the plots of a run "
+        "directory from its runs/*/seed*/result.json files, and print the table.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a directory written by python -m benchmarks")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+def backbone_description(protocol: str, source: str) -> str:
+    """The backbone in words, for the table (mirrors :func:`protocols.make_backbone`)."""
+    channels, height, width = SOURCE_SHAPES[source]
+    n_inputs = channels * height * width
+    if height < 10:
+        hidden = "64-64" if protocol == "quick" else "256-256"
+        return f"MLP {n_inputs}-{hidden}"
+    if protocol == "quick":
+        if channels == 1:
+            return f"MLP {n_inputs}-256-256"
+        return "AlexNet-like (512 hidden, no dropout)"
+    return "AlexNet-like (2048 hidden, paper dropout)"
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that determine the results (stored in config.json, hashed for --out)."""
+    protocol = protocol_settings(
+        args.protocol,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+    )
+    info = BENCHMARKS[args.benchmark]
+    hparam_overrides = parse_hparams(args.hparam)
+    return {
+        "benchmark": args.benchmark,
+        "protocol": args.protocol,
+        "n_tasks": info.n_tasks,
+        "epochs": protocol.epochs,
+        "lr": protocol.lr,
+        "batch_size": protocol.batch_size,
+        "validation_fraction": protocol.validation_fraction,
+        "max_train_per_task": args.max_train_per_task,
+        "train_fraction": args.train_fraction,
+        "hparam_overrides": hparam_overrides,
+        "backbone": backbone_description(args.protocol, info.source),
+    }
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """Short stable hash of the settings (names the default run directory)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _prepare_run_dir(
+    out: Path, settings: dict[str, Any], methods: list[str], seeds: list[int], command: str
+) -> dict[str, Any]:
+    """Create or reuse ``out``; refuse a directory made with different settings."""
+    config_path = out / "config.json"
+    if config_path.is_file():
+        config = read_json(config_path)
+        if config.get("settings") != json.loads(json.dumps(settings)):
+            old = config.get("settings", {})
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise SystemExit(
+                f"error: {out} holds runs made with other settings (differ in: "
+                f"{', '.join(diff)}). Use another --out, or delete the directory."
+            )
+    else:
+        config = {
+            "benchmark": settings["benchmark"],
+            "protocol": settings["protocol"],
+            "settings": settings,
+            "methods": [],
+            "seeds": [],
+            "commands": [],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    config["methods"] = list(dict.fromkeys([*config["methods"], *methods]))
+    config["seeds"] = sorted(set(config["seeds"]) | set(seeds))
+    if command not in config["commands"]:
+        config["commands"].append(command)
+    write_json(config_path, config)
+    return config
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} but CUDA is not available")
+    return name
+
+
+def run_command(args: argparse.Namespace, command: str) -> int:
+    """Run every (seed, method) that has no result yet, then write and print the report."""
+    settings = resolve_settings(args)
+    out = args.out or Path("runs") / (f"{args.benchmark}-{args.protocol}-{settings_hash(settings)}")
+    _prepare_run_dir(out, settings, args.methods, args.seeds, command)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    pending = [
+        (seed, method)
+        for seed in args.seeds
+        for method in args.methods
+        if not run_paths(out, method, seed)["result"].is_file()
+    ]
+    done = len(args.seeds) * len(args.methods) - len(pending)
+    log(
+        f"{args.benchmark} ({args.protocol}): {len(pending)} run(s) to do, {done} already "
+        f"finished, in {out}"
+    )
+    if pending:
+        import torch
+
+        from benchmarks.data import build_stream
+        from benchmarks.runner import RunSpec, run_one
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = _resolve_device(args.device)
+        protocol = protocol_settings(
+            args.protocol,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+        )
+        source = BENCHMARKS[args.benchmark].source
+        streams: dict[int, Any] = {}
+        try:
+            for number, (seed, method) in enumerate(pending, 1):
+                if seed not in streams:
+                    streams.clear()  # one seed's stream in memory at a time
+                    streams[seed] = build_stream(
+                        args.benchmark,
+                        seed,
+                        args.data_root,
+                        max_train_per_task=args.max_train_per_task,
+                        train_fraction=args.train_fraction,
+                        validation_fraction=protocol.validation_fraction,
+                        download=not args.no_download,
+                    )
+                log(f"--- run {number}/{len(pending)}: {method}, seed {seed}")
+                spec = RunSpec(
+                    benchmark=args.benchmark,
+                    method=method,
+                    seed=seed,
+                    protocol=protocol,
+                    hparams=method_hparams(method, source, settings["hparam_overrides"]),
+                    device=device,
+                    checkpoint=not args.no_checkpoint,
+                    progress=not (args.no_progress or args.quiet),
+                )
+                result = run_one(spec, streams[seed], out, log=log, command=command)
+                bwt = result["bwt"]
+                log(
+                    f"--- {method}, seed {seed}: ACC {result['acc'] * 100:.2f}%"
+                    + (f", BWT {bwt * 100:+.2f}%" if bwt is not None else "")
+                    + f", {result['train_seconds']:.1f}s training"
+                )
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted; run the same command again to resume (results in {out})",
+                file=sys.stderr,
+            )
+            return 130
+    from benchmarks.report import write_report
+
+    table = write_report(out, plots=not args.no_plots)
+    print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        args = build_report_parser().parse_args(argv[1:])
+        from benchmarks.report import write_report
+
+        try:
+            print(write_report(args.run_dir, plots=not args.no_plots))
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_hparams(args.hparam)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.data_root is None:
+        args.data_root = default_data_root()
+    command = "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv))
+    return run_command(args, command)

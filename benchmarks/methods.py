@@ -1,0 +1,259 @@
+"""The methods the suite compares, each built from Avalanche's own implementation (SPG from
+this package's public API), with documented default hyperparameters.
+
+=============  ===============================================================================
+method         what runs (defaults; override with ``--hparam METHOD.NAME=VALUE``)
+=============  ===============================================================================
+naive          fine-tuning, no protection against forgetting (lower bound)
+spg            :class:`avalanche_spg.SPGPlugin` with its defaults (the paper's method)
+ewc            ``EWCPlugin``: ``ewc_lambda=10000``, ``mode="separate"`` (Kirkpatrick et al.,
+               2017; Avalanche's Fisher is the mean of squared minibatch gradients, which is
+               small, hence the large lambda)
+si             ``SynapticIntelligencePlugin``: ``si_lambda=1.0``, ``eps=0.001`` (Zenke et al.,
+               2017), with weight snapshots that are copies (Avalanche 0.6 takes views on
+               CPU, which turns SI into Naive; see :mod:`benchmarks._si`)
+mas            ``MASPlugin``: ``lambda_reg=1.0``, ``alpha=0.5`` (Aljundi et al., 2018)
+lwf            ``LwFPlugin``: ``alpha=1.0``, ``temperature=2.0`` (Li & Hoiem, 2017)
+packnet        ``PackNetPlugin`` on ``PackNetModel``: ``post_prune_epochs=1``, every task keeps
+               an equal share of the free weights (prune ``(T-t-1)/(T-t)`` after task ``t``)
+               (Mallya & Lazebnik, 2018); needs ``--epochs`` >= 2
+replay         ``ReplayPlugin``: ``mem_size`` 100 samples for the digits, 500 otherwise
+               (experience-balanced buffer, a replay minibatch as large as the current one)
+spg+replay     both plugins (SPG's importance uses only the current experience's data)
+joint          ``JointTraining``: one model trained on all tasks at once, evaluated per task
+               (multitask upper bound; it has an ACC but no BWT)
+=============  ===============================================================================
+
+All methods share the optimizer (plain SGD with the protocol's learning rate), the batch size,
+the epochs and the backbone, so that only the continual-learning mechanism differs.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "StrategyContext",
+    "build_strategy",
+    "parse_hparams",
+    "method_hparams",
+    "parse_methods",
+]
+
+
+@dataclass
+class StrategyContext:
+    """Everything a method needs besides its own hyperparameters."""
+
+    model: nn.Module
+    make_optimizer: Callable[[nn.Module], Any]
+    train_mb_size: int
+    train_epochs: int
+    eval_mb_size: int
+    device: Any
+    evaluator: Any
+    n_tasks: int
+    source: str
+    #: Plugins that must run before the method's own (the paper protocol's schedule plugin).
+    first_plugins: list[Any] = field(default_factory=list)
+    #: Plugins that must run after the method's own (progress bars).
+    last_plugins: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: its CLI name, one-line summary and default hyperparameters."""
+
+    name: str
+    summary: str
+    defaults: dict[str, Any]
+
+
+def _replay_default(source: str) -> int:
+    return 100 if source == "digits" else 500
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("naive", "fine-tuning (lower bound)", {}),
+        MethodSpec("spg", "SPG soft-masking (avalanche_spg.SPGPlugin)", {}),
+        MethodSpec("ewc", "Elastic Weight Consolidation", {"ewc_lambda": 10000.0}),
+        MethodSpec("si", "Synaptic Intelligence", {"si_lambda": 1.0, "eps": 0.001}),
+        MethodSpec("mas", "Memory Aware Synapses", {"lambda_reg": 1.0, "alpha": 0.5}),
+        MethodSpec("lwf", "Learning without Forgetting", {"alpha": 1.0, "temperature": 2.0}),
+        MethodSpec("packnet", "PackNet iterative pruning", {"post_prune_epochs": 1}),
+        MethodSpec("replay", "experience replay", {"mem_size": None}),
+        MethodSpec("spg+replay", "SPG plus experience replay", {"mem_size": None}),
+        MethodSpec("joint", "joint training on all tasks (upper bound)", {}),
+    )
+}
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"naive,spg"`` -> ``["naive", "spg"]``; ``"all"`` -> every method; clear error else."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown) or repr(text)}; valid: "
+            f"{', '.join(METHODS)} (or 'all')"
+        )
+    return list(dict.fromkeys(names))
+
+
+def parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["ewc.ewc_lambda=100", ...]`` -> ``{"ewc": {"ewc_lambda": 100}}`` (validated)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"--hparam expects METHOD.NAME=VALUE, got {item!r}")
+        if method not in METHODS:
+            raise ValueError(f"--hparam {item!r}: unknown method {method!r}")
+        spec = METHODS[method]
+        allowed = set(spec.defaults) | (
+            {"spg_" + k for k in _SPG_KEYS} if "spg" in method else set()
+        )
+        if name not in allowed:
+            raise ValueError(
+                f"--hparam {item!r}: {method} has no hyperparameter {name!r}; "
+                f"valid: {', '.join(sorted(allowed)) or '(none)'}"
+            )
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out.setdefault(method, {})[name] = value
+    return out
+
+
+# SPGPlugin constructor arguments that --hparam may set as spg.spg_<name>.
+_SPG_KEYS = (
+    "clip_head_grad_norm",
+    "importance_method",
+    "importance_batch_size",
+    "importance_pass_batch_size",
+    "importance_max_samples",
+    "mask",
+    "reset_optimizer_state",
+)
+
+
+def method_hparams(
+    method: str, source: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The hyperparameters ``method`` runs with (defaults, benchmark defaults, overrides)."""
+    values = dict(METHODS[method].defaults)
+    if "mem_size" in values and values["mem_size"] is None:
+        values["mem_size"] = _replay_default(source)
+    values.update((overrides or {}).get(method, {}))
+    return values
+
+
+def _spg_plugin(hp: dict[str, Any]) -> Any:
+    from avalanche_spg import SPGPlugin
+
+    kwargs = {k[len("spg_") :]: v for k, v in hp.items() if k.startswith("spg_")}
+    return SPGPlugin(**kwargs)
+
+
+class _EqualShare:
+    """``(T - t - 1) / (T - t)`` of the free weights are released after task ``t``."""
+
+    def __init__(self, n_tasks: int) -> None:
+        self.n_tasks = n_tasks
+
+    def __call__(self, task: int) -> float:
+        remaining = max(self.n_tasks - task, 1)
+        return (remaining - 1) / remaining
+
+
+def build_strategy(method: str, ctx: StrategyContext, hp: dict[str, Any]) -> Any:
+    """The Avalanche strategy of ``method`` (plugins ordered: schedule, method, progress)."""
+    from avalanche.training.templates import SupervisedTemplate
+    from torch import nn
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    model = ctx.model
+    plugins: list[Any] = []
+    strategy_cls: Any = SupervisedTemplate
+    if method == "naive":
+        pass
+    elif method == "spg":
+        plugins.append(_spg_plugin(hp))
+    elif method == "ewc":
+        from avalanche.training.plugins import EWCPlugin
+
+        plugins.append(EWCPlugin(ewc_lambda=hp["ewc_lambda"], mode="separate"))
+    elif method == "si":
+        from benchmarks._si import CopyingSynapticIntelligence
+
+        plugins.append(CopyingSynapticIntelligence(si_lambda=hp["si_lambda"], eps=hp["eps"]))
+    elif method == "mas":
+        from avalanche.training.plugins import MASPlugin
+
+        plugins.append(MASPlugin(lambda_reg=hp["lambda_reg"], alpha=hp["alpha"]))
+    elif method == "lwf":
+        from avalanche.training.plugins import LwFPlugin
+
+        plugins.append(LwFPlugin(alpha=hp["alpha"], temperature=hp["temperature"]))
+    elif method == "packnet":
+        from avalanche.models.packnet import PackNetPlugin
+
+        if hp["post_prune_epochs"] >= ctx.train_epochs:
+            raise ValueError(
+                f"packnet needs more epochs ({ctx.train_epochs}) than post_prune_epochs "
+                f"({hp['post_prune_epochs']}); use --epochs >= {hp['post_prune_epochs'] + 1}"
+            )
+        from benchmarks._packnet import TaskLabelPackNetModel
+
+        model = TaskLabelPackNetModel(model)
+        plugins.append(
+            PackNetPlugin(hp["post_prune_epochs"], prune_proportion=_EqualShare(ctx.n_tasks))
+        )
+    elif method in ("replay", "spg+replay"):
+        from avalanche.training.plugins import ReplayPlugin
+
+        plugins.append(ReplayPlugin(mem_size=int(hp["mem_size"])))
+        if method == "spg+replay":
+            plugins.append(_spg_plugin(hp))
+    elif method == "joint":
+        from avalanche.training.supervised import JointTraining
+
+        strategy_cls = JointTraining
+    return strategy_cls(
+        model=model,
+        optimizer=ctx.make_optimizer(model),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=ctx.train_mb_size,
+        train_epochs=ctx.train_epochs,
+        eval_mb_size=ctx.eval_mb_size,
+        device=ctx.device,
+        plugins=[*ctx.first_plugins, *plugins, *ctx.last_plugins],
+        evaluator=ctx.evaluator,
+        eval_every=-1,
+    )
+
+
+def describe_methods() -> str:
+    """One line per method with its defaults, for ``--help``."""
+    lines = []
+    for spec in METHODS.values():
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        if "mem_size" in spec.defaults:
+            defaults = "mem_size=100 (digits) / 500"
+        lines.append(f"  {spec.name:<11} {spec.summary}" + (f" [{defaults}]" if defaults else ""))
+    return "\n".join(lines)

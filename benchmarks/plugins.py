@@ -1,0 +1,219 @@
+"""Plugins of the suite: the paper protocol's schedule and the progress bars."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import Tensor, nn
+
+__all__ = ["PlateauEarlyStopping", "ProgressPlugin"]
+
+
+class PlateauEarlyStopping(SupervisedPlugin):
+    """The SPG paper's per-task schedule: plateau lr decay, early stop, best-weight restore.
+
+    At the start of every experience the optimizer gets its initial learning rate back and
+    loses its state (a fresh optimizer per task). After every epoch the loss on the task's
+    validation set (its own head, eval mode) drives ``ReduceLROnPlateau``; once the lr is at
+    ``min_lr``, ``stop_patience`` epochs in a row without improvement stop the experience. At
+    the end of the experience (``after_training_exp``) the weights of the best validation epoch
+    are restored — place this plugin before any plugin that reads the final weights there
+    (``SPGPlugin``'s importance pass).
+
+    :param validation: per task label, ``(x, y)`` validation tensors.
+    :param lr: the learning rate every experience starts from.
+    :param factor: lr multiplier on a plateau (1/3 in the paper).
+    :param patience: epochs without improvement before the lr is reduced (4).
+    :param min_lr: the lr floor (1e-3).
+    :param stop_patience: epochs without improvement at the floor before stopping (5).
+    :param batch_size: minibatch size of the validation pass.
+    :param joint: validate on every task's set at once (the joint upper bound trains a single
+        experience made of all tasks).
+    """
+
+    def __init__(
+        self,
+        validation: dict[int, tuple[Tensor, Tensor]],
+        lr: float,
+        factor: float = 1.0 / 3.0,
+        patience: int = 4,
+        min_lr: float = 1e-3,
+        stop_patience: int = 5,
+        batch_size: int = 1024,
+        joint: bool = False,
+    ) -> None:
+        super().__init__()
+        if not validation:
+            raise ValueError("PlateauEarlyStopping needs a validation set per task")
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"factor must be in (0, 1), got {factor}")
+        if lr <= 0 or min_lr <= 0:
+            raise ValueError(f"lr and min_lr must be positive, got {lr} and {min_lr}")
+        self.validation = validation
+        self.lr = lr
+        self.factor = factor
+        self.patience = patience
+        self.min_lr = min_lr
+        self.stop_patience = stop_patience
+        self.batch_size = batch_size
+        self.joint = joint
+        #: Epochs trained in each finished experience, and the best validation loss.
+        self.history: list[dict[str, Any]] = []
+        self._scheduler: Any = None
+        self._best_loss = math.inf
+        self._best_state: dict[str, Tensor] | None = None
+        self._best_epoch = -1
+        self._epochs = 0
+        self._stale_at_floor = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Between experiences only the history matters; the scheduler holds the optimizer.
+        state = self.__dict__.copy()
+        state["_scheduler"] = None
+        state["_best_state"] = None
+        return state
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Forget the previous experience's schedule."""
+        self._scheduler = None
+        self._best_loss = math.inf
+        self._best_state = None
+        self._best_epoch = -1
+        self._epochs = 0
+        self._stale_at_floor = 0
+
+    def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """On the first epoch: reset lr and optimizer state, attach the plateau scheduler.
+
+        Done here rather than in ``before_training_exp`` because other plugins (PackNet) may
+        replace the optimizer there.
+        """
+        if self._scheduler is not None and self._scheduler.optimizer is strategy.optimizer:
+            return
+        optimizer = strategy.optimizer
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        self._scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="min",
+            factor=self.factor,
+            patience=self.patience,
+            min_lr=self.min_lr,
+        )
+
+    def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Validation loss → lr schedule, best weights, early stop."""
+        self._epochs += 1
+        loss = self.validation_loss(strategy)
+        improved = loss < self._best_loss
+        if improved:
+            self._best_loss = loss
+            self._best_epoch = self._epochs
+            self._best_state = copy.deepcopy(strategy.model.state_dict())
+        at_floor = all(g["lr"] <= self.min_lr * (1 + 1e-9) for g in strategy.optimizer.param_groups)
+        self._scheduler.step(loss)
+        if at_floor:
+            self._stale_at_floor = 0 if improved else self._stale_at_floor + 1
+            if self._stale_at_floor >= self.stop_patience:
+                strategy.stop_training()
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Restore the best-validation weights (before SPG's importance pass)."""
+        if self._best_state is not None:
+            strategy.model.load_state_dict(self._best_state)
+        self.history.append(
+            {
+                "epochs": self._epochs,
+                "best_epoch": self._best_epoch,
+                "best_valid_loss": self._best_loss,
+                "final_lr": min(g["lr"] for g in strategy.optimizer.param_groups),
+            }
+        )
+        self._best_state = None
+        self._scheduler = None
+
+    @torch.no_grad()
+    def validation_loss(self, strategy: Any) -> float:
+        """Mean cross-entropy on the current task's validation set (all sets when joint)."""
+        from avalanche.models import avalanche_forward
+
+        model = strategy.model
+        if self.joint:
+            tasks = sorted(self.validation)
+        else:
+            tasks = [int(t) for t in strategy.experience.task_labels]
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            for task in tasks:
+                x_all, y_all = self.validation[task]
+                for start in range(0, len(y_all), self.batch_size):
+                    x = x_all[start : start + self.batch_size].to(strategy.device)
+                    y = y_all[start : start + self.batch_size].to(strategy.device)
+                    labels = torch.full((len(y),), task, dtype=torch.long, device=x.device)
+                    out = avalanche_forward(model, x, labels)
+                    total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                    count += len(y)
+        finally:
+            for module, mode in modes.items():
+                module.train(mode)
+        return total / max(count, 1)
+
+
+class ProgressPlugin(SupervisedPlugin):
+    """A tqdm bar per experience (the iterations of all its epochs, with the epoch and the
+    loss). tqdm shows it only on a terminal; the runner prints one line per finished task."""
+
+    def __init__(self, label: str, n_tasks: int, enabled: bool = True) -> None:
+        super().__init__()
+        self.label = label
+        self.n_tasks = n_tasks
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_bar"] = None  # a bar is not picklable (checkpoints)
+        return state
+
+    def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Open the experience's bar on its first epoch."""
+        if not self.enabled:
+            return
+        epochs = strategy.train_epochs
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            task = strategy.clock.train_exp_counter + 1
+            self._bar = tqdm(
+                total=len(strategy.dataloader) * epochs,
+                desc=f"{self.label} task {task}/{self.n_tasks}",
+                unit="it",
+                leave=False,
+                disable=None,
+                dynamic_ncols=True,
+            )
+        self._bar.set_postfix_str(f"epoch {strategy.clock.train_exp_epochs + 1}/{epochs}")
+
+    def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Advance the bar; show the loss now and then."""
+        if self._bar is None:
+            return
+        self._bar.update(1)
+        if self._bar.n % 25 == 0:
+            self._bar.set_postfix_str(
+                f"epoch {strategy.clock.train_exp_epochs + 1}/{strategy.train_epochs} "
+                f"loss {float(strategy.loss):.3f}"
+            )
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Close the bar (an early-stopped experience ends before its total)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,115 @@
+"""Training protocols: ``quick`` (fixed epochs, for CPUs) and ``paper`` (the SPG paper's).
+
+``quick``
+    A fixed number of epochs per task (``--epochs``, default 5), plain SGD (no momentum, no
+    weight decay) with one learning rate for every method, no validation split. Backbones:
+    :class:`~avalanche_spg.models.MultiHeadMLP` with two hidden layers (64-64 for the 8x8
+    digits, 256-256 for the 28x28 MNIST-likes) and, for the 32x32 colour datasets,
+    :class:`~avalanche_spg.models.AlexNetLike` narrowed to 512 hidden units without dropout.
+
+``paper``
+    ``spg-algorithm.md`` §4: the AlexNet-like backbone (for the 8x8 digits, which are too small
+    for its convolutions, the 256-256 MLP), SGD lr 0.25, batch 64, a fresh optimizer (and lr)
+    for every task, 10 % of each task's training data held out for validation,
+    ``ReduceLROnPlateau`` on the validation loss (factor 1/3, patience 4, minimum lr 1e-3),
+    early stop once the lr is at its floor and the validation loss has not improved for 5
+    epochs (at most 500 epochs), and the best-validation weights restored at the end of
+    every experience — by :class:`benchmarks.plugins.PlateauEarlyStopping`, which the suite
+    places *before* ``SPGPlugin`` so that SPG's importance is computed on the restored
+    weights. Dropout: the paper's tuned values for C-10/C-20/T-10/T-20, the backbone defaults
+    elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "PROTOCOLS",
+    "Protocol",
+    "PAPER_DROPOUT",
+    "make_backbone",
+    "protocol_settings",
+]
+
+PROTOCOLS = ("quick", "paper")
+
+#: Tuned dropout (drop1, drop2) of the SPG paper (spg-algorithm.md §4).
+PAPER_DROPOUT: dict[str, tuple[float, float]] = {
+    "c10": (0.3135, 0.4093),
+    "c20": (0.4956, 0.4850),
+    "t10": (0.1249, 0.4344),
+    "t20": (0.3875, 0.4423),
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Resolved training settings of one protocol (CLI options already applied)."""
+
+    name: str
+    epochs: int
+    lr: float
+    batch_size: int
+    eval_batch_size: int
+    validation_fraction: float
+    plateau: bool
+
+
+def protocol_settings(
+    name: str,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    eval_batch_size: int | None = None,
+) -> Protocol:
+    """Defaults of protocol ``name`` with the CLI overrides applied."""
+    if name == "quick":
+        return Protocol(
+            name="quick",
+            epochs=epochs if epochs is not None else 5,
+            lr=lr if lr is not None else 0.1,
+            batch_size=batch_size if batch_size is not None else 64,
+            eval_batch_size=eval_batch_size if eval_batch_size is not None else 1024,
+            validation_fraction=0.0,
+            plateau=False,
+        )
+    if name == "paper":
+        return Protocol(
+            name="paper",
+            epochs=epochs if epochs is not None else 500,
+            lr=lr if lr is not None else 0.25,
+            batch_size=batch_size if batch_size is not None else 64,
+            eval_batch_size=eval_batch_size if eval_batch_size is not None else 1024,
+            validation_fraction=0.1,
+            plateau=True,
+        )
+    raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
+
+
+def make_backbone(
+    protocol: str, benchmark: str, input_shape: Sequence[int], n_classes: int
+) -> nn.Module:
+    """The multi-head backbone of ``protocol`` for a benchmark (heads sized ``n_classes``)."""
+    from avalanche_spg.models import AlexNetLike, MultiHeadMLP
+
+    channels, height = int(input_shape[0]), int(input_shape[1])
+    n_inputs = int(math.prod(input_shape))
+    if height < 10:  # the 8x8 digits: too small for the AlexNet-like convolutions
+        hidden = (64, 64) if protocol == "quick" else (256, 256)
+        return MultiHeadMLP(n_inputs, hidden, initial_out_features=n_classes)
+    if protocol == "quick":
+        if channels == 1:
+            return MultiHeadMLP(n_inputs, (256, 256), initial_out_features=n_classes)
+        return AlexNetLike(
+            tuple(input_shape), drop1=0.0, drop2=0.0, hidden=512, initial_out_features=n_classes
+        )
+    drop1, drop2 = PAPER_DROPOUT.get(benchmark, (0.2, 0.5))
+    return AlexNetLike(tuple(input_shape), drop1, drop2, initial_out_features=n_classes)

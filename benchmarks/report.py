@@ -1,0 +1,305 @@
+"""The ``report`` step: tables and plots of a run directory, made only from its files.
+
+``python -m benchmarks report RUN_DIR`` (also run at the end of every benchmark invocation)
+reads ``RUN_DIR/config.json`` and every ``RUN_DIR/runs/<method>/seed<k>/result.json`` and
+writes:
+
+* ``summary.json`` — per method: mean and std over seeds of ACC, BWT, forgetting, times, the
+  mean accuracy matrix and ACC-after-each-task curve, and the seeds used;
+* ``results.csv`` — one line per run (method, seed, ACC, BWT, forgetting, times);
+* ``summary.csv`` — one line per method (means and standard deviations);
+* ``matrices.csv`` — every run's accuracy matrix, one line per entry;
+* ``table.md`` — the Markdown table (built from ``summary.csv``), with the exact command that
+  produced the directory at its top;
+* ``plots/acc_after_each_task.png`` and ``plots/matrix_<method>.png`` (one accuracy-matrix
+  heatmap per method, mean over seeds), unless plotting is off or matplotlib is missing.
+
+Accuracies are fractions in the files and percentages in the table; standard deviations are
+sample standard deviations over seeds (``ddof=1``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._io import read_json, write_json
+from benchmarks.metrics import mean_std
+
+__all__ = ["collect_results", "summarize", "write_report", "markdown_table"]
+
+_CSV_FIELDS = (
+    "method",
+    "seed",
+    "acc",
+    "bwt",
+    "forgetting",
+    "train_seconds",
+    "importance_seconds",
+    "eval_seconds",
+)
+_METRICS = ("acc", "bwt", "forgetting", "train_seconds", "importance_seconds", "eval_seconds")
+
+
+def collect_results(run_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run's ``result.json`` under ``run_dir/runs`` (sorted by method, seed)."""
+    results = [read_json(p) for p in sorted((run_dir / "runs").glob("*/seed*/result.json"))]
+    return sorted(results, key=lambda r: (r["method"], int(r["seed"])))
+
+
+def _method_order(config: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    preferred = [m for m in config.get("methods", []) if m in methods]
+    return preferred + sorted(m for m in methods if m not in preferred)
+
+
+def summarize(results: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Mean ± std over seeds per method, and the mean matrices and curves."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r)
+    methods: dict[str, Any] = {}
+    for method in _method_order(config, list(by_method)):
+        runs = by_method[method]
+        entry: dict[str, Any] = {"seeds": [int(r["seed"]) for r in runs], "n_runs": len(runs)}
+        for metric in _METRICS:
+            mean, std = mean_std(r.get(metric) for r in runs)
+            entry[metric] = {"mean": mean, "std": std}
+        matrices = [r["matrix"] for r in runs]
+        shape = (len(matrices[0]), len(matrices[0][0]))
+        if all((len(m), len(m[0])) == shape for m in matrices):
+            entry["matrix_mean"] = [
+                [sum(m[i][j] for m in matrices) / len(matrices) for j in range(shape[1])]
+                for i in range(shape[0])
+            ]
+        curves = [r["acc_curve"] for r in runs]
+        if len({len(c) for c in curves}) == 1:
+            entry["acc_curve_mean"] = [sum(vals) / len(vals) for vals in zip(*curves)]
+        entry["hparams"] = runs[0].get("hparams", {})
+        methods[method] = entry
+    return {
+        "benchmark": config.get("benchmark"),
+        "protocol": config.get("protocol"),
+        "settings": config.get("settings", {}),
+        "commands": config.get("commands", []),
+        "methods": methods,
+    }
+
+
+def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
+    mean, std = stat.get("mean"), stat.get("std")
+    if mean is None:
+        return "—"
+    text = f"{mean * scale:.{digits}f}"
+    if std is not None:
+        text += f" ± {std * scale:.{digits}f}"
+    return text
+
+
+def _read_summary_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _cell(row: dict[str, str], metric: str, scale: float, digits: int) -> str:
+    mean, std = row.get(f"{metric}_mean", ""), row.get(f"{metric}_std", "")
+    if mean == "":
+        return "—"
+    text = f"{float(mean) * scale:.{digits}f}"
+    if std != "":
+        text += f" ± {float(std) * scale:.{digits}f}"
+    return text
+
+
+def markdown_table(run_dir: Path) -> str:
+    """The Markdown table of ``run_dir``, from its ``summary.csv`` and ``config.json``."""
+    config = read_json(run_dir / "config.json")
+    rows = _read_summary_csv(run_dir / "summary.csv")
+    settings = config.get("settings", {})
+    commands = config.get("commands", [])
+    lines = [f"# {config.get('benchmark')} — {config.get('protocol')} protocol", ""]
+    lines.append("Produced by" + (":" if len(commands) < 2 else " (in this order):"))
+    lines.append("")
+    lines.append("```bash")
+    lines.extend(commands or ["(unknown command)"])
+    lines.append("```")
+    lines.append("")
+    details = [
+        f"{settings.get('n_tasks', '?')} tasks",
+        f"{settings.get('epochs')} epochs per task"
+        if config.get("protocol") == "quick"
+        else f"at most {settings.get('epochs')} epochs per task (early stopping)",
+        f"SGD lr {settings.get('lr')}",
+        f"batch {settings.get('batch_size')}",
+        f"backbone {settings.get('backbone', '?')}",
+    ]
+    if settings.get("max_train_per_task"):
+        details.append(f"at most {settings['max_train_per_task']} training samples per task")
+    if settings.get("train_fraction"):
+        details.append(f"{settings['train_fraction']:g} of each task's training data")
+    lines.append(
+        "Task-incremental (task label given at test time); "
+        + ", ".join(details)
+        + ". Mean ± std over seeds (sample std); accuracies in %. ACC: mean final accuracy "
+        "over tasks; BWT: mean change of a task's accuracy from right after learning it to the "
+        "end; forgetting: mean drop from a task's best to its final accuracy. Times in seconds "
+        "per run (training includes the end-of-task passes such as SPG's importance)."
+    )
+    lines.append("")
+    lines.append(
+        "| method | seeds | ACC (%) | BWT (%) | forgetting (%) | train time (s) "
+        "| importance time (s) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['n_runs']} | {_cell(row, 'acc', 100, 2)} "
+            f"| {_cell(row, 'bwt', 100, 2)} | {_cell(row, 'forgetting', 100, 2)} "
+            f"| {_cell(row, 'train_seconds', 1, 1)} "
+            f"| {_cell(row, 'importance_seconds', 1, 1)} |"
+        )
+    lines.append("")
+    plots = run_dir / "plots"
+    if (plots / "acc_after_each_task.png").is_file():
+        lines.append("![ACC after each task](plots/acc_after_each_task.png)")
+        lines.append("")
+        heatmaps = sorted(plots.glob("matrix_*.png"))
+        if heatmaps:
+            lines.append(
+                "Accuracy matrices (mean over seeds): "
+                + ", ".join(f"[{p.stem[len('matrix_') :]}](plots/{p.name})" for p in heatmaps)
+            )
+            lines.append("")
+    lines.append("Per-run numbers: `results.csv`, `matrices.csv`; per method: `summary.csv`,")
+    lines.append("`summary.json`; raw runs: `runs/<method>/seed<k>/result.json`.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _write_csvs(run_dir: Path, results: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    def blank(v: Any) -> Any:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    with open(run_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_CSV_FIELDS)
+        for r in results:
+            writer.writerow([blank(r.get(f)) for f in _CSV_FIELDS])
+    with open(run_dir / "summary.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        header = ["method", "n_runs", "seeds"]
+        for metric in _METRICS:
+            header += [f"{metric}_mean", f"{metric}_std"]
+        writer.writerow(header)
+        for method, entry in summary["methods"].items():
+            line: list[Any] = [method, entry["n_runs"], " ".join(map(str, entry["seeds"]))]
+            for metric in _METRICS:
+                line += [blank(entry[metric]["mean"]), blank(entry[metric]["std"])]
+            writer.writerow(line)
+    with open(run_dir / "matrices.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["method", "seed", "after_task", "task", "accuracy"])
+        for r in results:
+            matrix = r["matrix"]
+            n_tasks = len(matrix[0])
+            for i, row in enumerate(matrix):
+                after = i if len(matrix) == n_tasks else n_tasks - 1
+                for j, value in enumerate(row):
+                    writer.writerow([r["method"], r["seed"], after, j, value])
+
+
+def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return []
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    for old in plots.glob("matrix_*.png"):
+        old.unlink()
+    written = []
+    methods = summary["methods"]
+    title = f"{summary['benchmark']} ({summary['protocol']})"
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for method, entry in methods.items():
+        curve = entry.get("acc_curve_mean")
+        if not curve:
+            continue
+        n_tasks = len(entry.get("matrix_mean", [[0]])[0])
+        if len(curve) == 1:  # joint: only the final accuracy
+            ax.axhline(curve[0] * 100, linestyle="--", color="0.4", linewidth=1)
+            ax.annotate(f"{method}", (n_tasks, curve[0] * 100), fontsize=7, va="bottom")
+            continue
+        ax.plot(range(1, len(curve) + 1), [c * 100 for c in curve], marker="o", ms=3, label=method)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("mean accuracy on tasks seen so far (%)")
+    ax.set_title(f"ACC after each task — {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = plots / "acc_after_each_task.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+    for method, entry in methods.items():
+        matrix = entry.get("matrix_mean")
+        if not matrix:
+            continue
+        n_rows, n_cols = len(matrix), len(matrix[0])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_cols, 1.0 + 0.45 * n_rows), dpi=110)
+        image = ax.imshow(
+            [[v * 100 for v in row] for row in matrix], vmin=0, vmax=100, cmap="viridis"
+        )
+        if n_cols <= 12:
+            for i in range(n_rows):
+                for j in range(n_cols):
+                    ax.text(
+                        j,
+                        i,
+                        f"{matrix[i][j] * 100:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if matrix[i][j] < 0.6 else "black",
+                    )
+        ax.set_xlabel("evaluated task j")
+        ax.set_ylabel("after learning task i" if n_rows > 1 else "after joint training")
+        ax.set_xticks(range(n_cols))
+        ax.set_yticks(range(n_rows))
+        if n_rows == 1:
+            ax.set_yticklabels(["all"])
+        ax.set_title(f"{method}: R[i][j] (%)", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+        path = plots / f"matrix_{method.replace('+', '_')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(run_dir: Path, plots: bool = True) -> str:
+    """(Re)write every report file of ``run_dir`` from its results; return the Markdown table."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a benchmark run directory (no config.json)")
+    config = read_json(config_path)
+    results = collect_results(run_dir)
+    if not results:
+        raise FileNotFoundError(f"{run_dir} has no finished runs (runs/*/seed*/result.json)")
+    summary = summarize(results, config)
+    write_json(run_dir / "summary.json", summary)
+    _write_csvs(run_dir, results, summary)
+    if plots:
+        _plot(run_dir, summary)
+    table = markdown_table(run_dir)
+    (run_dir / "table.md").write_text(table)
+    return table

@@ -1,0 +1,265 @@
+"""One run = one (method, seed) on one benchmark: train task by task, evaluate the whole test
+stream after every task, record the accuracy matrix, checkpoint, resume.
+
+Files of a run (``<run dir>/runs/<method>/seed<k>/``):
+
+* ``result.json`` — written (atomically) when the run has finished; a run with this file is
+  skipped by the next invocation;
+* ``progress.json`` — the rows of the accuracy matrix and the timings so far, rewritten after
+  every task;
+* ``checkpoint.pkl`` — the whole strategy after the last finished task
+  (:func:`avalanche_spg.checkpoint.save_checkpoint`); a killed run resumes from it
+  (``maybe_load_checkpoint``) and deletes it when it finishes. An interrupted task restarts
+  from its beginning.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._io import read_json, run_paths, write_json
+from benchmarks.data import TaskStream, make_benchmark
+from benchmarks.methods import StrategyContext, build_strategy
+from benchmarks.metrics import summarize_matrix
+from benchmarks.plugins import PlateauEarlyStopping, ProgressPlugin
+from benchmarks.protocols import Protocol, make_backbone
+
+__all__ = ["RunSpec", "run_one", "seed_everything"]
+
+_ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task(\d+)/Exp(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run needs to know (besides the data)."""
+
+    benchmark: str
+    method: str
+    seed: int
+    protocol: Protocol
+    hparams: dict[str, Any]
+    device: str
+    checkpoint: bool = True
+    progress: bool = True
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (Avalanche's RNG manager covers all three)."""
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    RNGManager.set_random_seeds(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _accuracy_row(evaluator: Any, n_tasks: int) -> list[float]:
+    """Top1_Acc_Exp of every test experience from the last evaluation."""
+    row: list[float | None] = [None] * n_tasks
+    for key, value in evaluator.get_last_metrics().items():
+        match = _ACC_KEY.match(key)
+        if match:
+            row[int(match.group(2))] = float(value)
+    if any(v is None for v in row):
+        raise RuntimeError(f"the evaluation did not report every task's accuracy: {row}")
+    return [float(v) for v in row]  # type: ignore[arg-type]
+
+
+def _find_spg(strategy: Any) -> Any:
+    from avalanche_spg import SPGPlugin
+
+    for plugin in strategy.plugins:
+        if isinstance(plugin, SPGPlugin):
+            return plugin
+    return None
+
+
+def _environment() -> dict[str, Any]:
+    import avalanche
+
+    import avalanche_spg
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "avalanche": getattr(avalanche, "__version__", "?"),
+        "avalanche_spg": avalanche_spg.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_one(
+    spec: RunSpec,
+    stream: TaskStream,
+    out: Path,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run ``spec`` on ``stream``, resuming from a checkpoint in ``out`` if there is one.
+
+    :return: the content of the run's ``result.json``.
+    """
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_spg.checkpoint import maybe_load_checkpoint, save_checkpoint
+
+    paths = run_paths(out, spec.method, spec.seed)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    seed_everything(spec.seed)
+    protocol = spec.protocol
+    n_tasks = stream.n_tasks
+    label = f"{spec.method} seed {spec.seed}"
+
+    model = make_backbone(protocol.name, spec.benchmark, stream.input_shape, stream.max_classes)
+    first_plugins: list[Any] = []
+    if protocol.plateau:
+        validation = {
+            t: (task.x_valid, task.y_valid)
+            for t, task in enumerate(stream.tasks)
+            if task.x_valid is not None and task.y_valid is not None
+        }
+        first_plugins.append(
+            PlateauEarlyStopping(
+                validation,
+                lr=protocol.lr,
+                batch_size=protocol.eval_batch_size,
+                joint=spec.method == "joint",
+            )
+        )
+    lr = protocol.lr
+    with warnings.catch_warnings():
+        # The suite reads the metrics itself and logs one line per task.
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+    ctx = StrategyContext(
+        model=model,
+        make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr),
+        train_mb_size=protocol.batch_size,
+        train_epochs=protocol.epochs,
+        eval_mb_size=protocol.eval_batch_size,
+        device=spec.device,
+        evaluator=evaluator,
+        n_tasks=n_tasks,
+        source=stream.description["source"],
+        first_plugins=first_plugins,
+        last_plugins=[ProgressPlugin(label, n_tasks, spec.progress)],
+    )
+    strategy = build_strategy(spec.method, ctx, spec.hparams)
+    benchmark = make_benchmark(stream)
+
+    rows: list[list[float]] = []
+    train_seconds: list[float] = []
+    importance_seconds: list[float] = []
+    eval_seconds: list[float] = []
+    start = 0
+    joint = spec.method == "joint"
+    if spec.checkpoint and not joint and paths["checkpoint"].is_file():
+        strategy, start = maybe_load_checkpoint(
+            strategy, paths["checkpoint"], map_location=spec.device
+        )
+        saved = read_json(paths["progress"]) if paths["progress"].is_file() else {}
+        if len(saved.get("rows", [])) < start:
+            raise RuntimeError(
+                f"{paths['progress']} has fewer rows than the checkpoint has tasks ({start}); "
+                f"delete {paths['dir']} to restart this run"
+            )
+        rows = saved["rows"][:start]
+        train_seconds = saved["train_seconds"][:start]
+        importance_seconds = saved["importance_seconds"][:start]
+        eval_seconds = saved["eval_seconds"][:start]
+        if spec.method == "packnet":
+            from benchmarks._packnet import restore_packnet_hooks
+
+            restore_packnet_hooks(strategy.model)
+        log(f"[{label}] resumed after task {start}/{n_tasks} from {paths['checkpoint']}")
+    elif paths["progress"].is_file():
+        paths["progress"].unlink()  # stale progress without a checkpoint: start over
+
+    def record(t_train: float, t_eval: float) -> None:
+        spg = _find_spg(strategy)
+        train_seconds.append(t_train)
+        importance_seconds.append(float(spg.last_importance_seconds) if spg else 0.0)
+        eval_seconds.append(t_eval)
+
+    if joint:
+        started = time.perf_counter()
+        strategy.train(benchmark.train_stream, eval_streams=[])
+        t_train = time.perf_counter() - started
+        started = time.perf_counter()
+        strategy.eval(benchmark.test_stream)
+        rows.append(_accuracy_row(strategy.evaluator, n_tasks))
+        record(t_train, time.perf_counter() - started)
+        log(f"[{label}] joint training done: ACC {np.mean(rows[-1]):.4f} ({t_train:.1f}s)")
+    else:
+        for index in range(start, n_tasks):
+            started = time.perf_counter()
+            strategy.train(benchmark.train_stream[index], eval_streams=[])
+            t_train = time.perf_counter() - started
+            started = time.perf_counter()
+            strategy.eval(benchmark.test_stream)
+            rows.append(_accuracy_row(strategy.evaluator, n_tasks))
+            record(t_train, time.perf_counter() - started)
+            seen = rows[-1][: index + 1]
+            log(
+                f"[{label}] task {index + 1}/{n_tasks}: acc on this task "
+                f"{rows[-1][index]:.4f}, mean on seen tasks {np.mean(seen):.4f} "
+                f"(train {t_train:.1f}s, eval {eval_seconds[-1]:.1f}s)"
+            )
+            if spec.checkpoint and index + 1 < n_tasks:
+                write_json(
+                    paths["progress"],
+                    {
+                        "rows": rows,
+                        "train_seconds": train_seconds,
+                        "importance_seconds": importance_seconds,
+                        "eval_seconds": eval_seconds,
+                    },
+                )
+                save_checkpoint(strategy, paths["checkpoint"])
+
+    plateau = next((p for p in strategy.plugins if isinstance(p, PlateauEarlyStopping)), None)
+    summary = summarize_matrix(rows)
+    result: dict[str, Any] = {
+        "benchmark": spec.benchmark,
+        "method": spec.method,
+        "seed": spec.seed,
+        "protocol": asdict(protocol),
+        "hparams": spec.hparams,
+        "n_tasks": n_tasks,
+        "matrix": rows,
+        **summary,
+        "train_seconds": float(sum(train_seconds)),
+        "importance_seconds": float(sum(importance_seconds)),
+        "eval_seconds": float(sum(eval_seconds)),
+        "train_seconds_per_task": train_seconds,
+        "importance_seconds_per_task": importance_seconds,
+        "resumed_from_task": start,
+        "stream": stream.description,
+        "model": type(model).__name__,
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "device": str(spec.device),
+        "environment": _environment(),
+        "command": command,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if plateau is not None:
+        result["epochs_per_task"] = [h["epochs"] for h in plateau.history]
+        result["schedule"] = plateau.history
+    write_json(paths["result"], result)
+    for name in ("checkpoint", "progress"):
+        if paths[name].is_file():
+            paths[name].unlink()
+    return result
