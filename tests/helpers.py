@@ -66,12 +66,17 @@ def make_digits_benchmark(
     n_test: int = 397,
     seed: int = 0,
     fixed_class_order: Sequence[int] | None = None,
+    classes: Sequence[int] | None = None,
 ) -> Any:
     """A class-split benchmark on digits (task-incremental by default: 2 classes per task,
-    labels from 0 in every task). ``n_train``/``n_test`` take prefixes of the shuffled data."""
+    labels from 0 in every task). ``n_train``/``n_test`` take prefixes of the shuffled data
+    (after keeping only ``classes``, if given)."""
     x, y = digits_tensors()
+    if classes is not None:
+        keep = torch.isin(y, torch.tensor(list(classes)))
+        x, y = x[keep], y[keep]
     if n_train + n_test > len(y):
-        raise ValueError("digits has only 1,797 samples")
+        raise ValueError(f"only {len(y)} digits samples available")
     train = TensorDigits(x[:n_train], y[:n_train])
     test = TensorDigits(x[n_train : n_train + n_test], y[n_train : n_train + n_test])
     return nc_benchmark(
@@ -281,3 +286,50 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def checkpoint_protocol(ckpt: str | None, stop: int) -> dict[str, Any]:
+    """One run of the 4-experience resume protocol (tests/test_checkpoint.py): build everything
+    from fixed seeds, resume from ``ckpt`` if that file exists, train experiences
+    ``[start, stop)`` with an evaluation and a checkpoint after each, return the final state.
+    ``ckpt=None``: an uninterrupted run that never checkpoints."""
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+
+    from avalanche_spg import SPGPlugin
+    from avalanche_spg.checkpoint import find_plugin, maybe_load_checkpoint, save_checkpoint
+
+    torch.set_num_threads(1)
+    set_seed(0)
+    benchmark = make_digits_benchmark(4, classes=range(8), n_train=480, n_test=160)
+    model = make_mlp(hidden=(16,), dropout=0.2)  # dropout: the RNG state matters
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        loggers=[],
+    )
+    strategy = make_naive(
+        model,
+        [SPGPlugin(warn_optimizer=False)],
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5),
+        train_epochs=2,
+        evaluator=evaluator,
+    )
+    start = 0
+    if ckpt is not None:
+        strategy, start = maybe_load_checkpoint(strategy, ckpt)
+    results: dict[str, Any] = {}
+    for experience in benchmark.train_stream[start:stop]:
+        strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream)
+        if ckpt is not None:
+            save_checkpoint(strategy, ckpt)
+    plugin = find_plugin(strategy, SPGPlugin)
+    return {
+        "start": start,
+        "params": snapshot_params(strategy.model),
+        "importance": plugin.importance,
+        "head_scale": plugin.head_scale,
+        "seen_tasks": plugin.seen_tasks,
+        "results": results,
+        "history": strategy.evaluator.get_all_metrics(),
+    }
