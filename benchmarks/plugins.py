@@ -1,4 +1,4 @@
-"""Plugins of the suite: the paper protocol's schedule and the progress bars."""
+"""Plugins of the suite: the paper protocol's schedule, progress bars, tensor minibatches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-__all__ = ["PlateauEarlyStopping", "ProgressPlugin"]
+__all__ = ["PlateauEarlyStopping", "ProgressPlugin", "TensorBatches", "TensorDataPlugin"]
 
 
 class PlateauEarlyStopping(SupervisedPlugin):
@@ -217,3 +217,113 @@ class ProgressPlugin(SupervisedPlugin):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class TensorBatches:
+    """Minibatches ``[x, y, task_labels]`` sliced straight from tensors.
+
+    What Avalanche's data loaders yield for the suite's tensor datasets, without the
+    per-sample ``__getitem__`` of an ``AvalancheDataset`` (which dominates CPU time on small
+    models): shuffled with the global torch RNG (seeded, checkpointed) for training, in
+    dataset order for evaluation; the last batch may be smaller.
+    """
+
+    def __init__(
+        self, x: Tensor, y: Tensor, task_labels: Tensor, batch_size: int, shuffle: bool
+    ) -> None:
+        self.x, self.y, self.t = x, y, task_labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Any:
+        n = len(self.y)
+        order = torch.randperm(n) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                idx = slice(start, start + self.batch_size)
+                yield [self.x[idx], self.y[idx], self.t[idx]]
+            else:
+                chosen = order[start : start + self.batch_size]
+                yield [self.x[chosen], self.y[chosen], self.t[chosen]]
+
+
+class TensorDataPlugin(SupervisedPlugin):
+    """Serve the training and evaluation minibatches from the stream's tensors.
+
+    Replaces ``strategy.dataloader`` after Avalanche has built it (``before_training_exp`` /
+    ``before_eval_exp``), with a :class:`TensorBatches` over the same samples: the current
+    task's training tensors (all tasks' for joint training) and each test experience's
+    tensors. Training batches are left alone when another plugin (replay) has replaced the
+    loader. The tensors are not part of checkpoints: call :meth:`attach` after a resume.
+
+    :param train: per task label, ``(x, y)`` training tensors.
+    :param test: per task label, ``(x, y)`` test tensors.
+    """
+
+    def __init__(
+        self,
+        train: dict[int, tuple[Tensor, Tensor]],
+        test: dict[int, tuple[Tensor, Tensor]],
+    ) -> None:
+        super().__init__()
+        self.attach(train, test)
+
+    def attach(
+        self, train: dict[int, tuple[Tensor, Tensor]], test: dict[int, tuple[Tensor, Tensor]]
+    ) -> None:
+        """(Re)connect the tensors (after loading a checkpoint)."""
+        self._train = train
+        self._test = test
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_train"] = {}
+        state["_test"] = {}
+        return state
+
+    @staticmethod
+    def _is_default_loader(loader: Any) -> bool:
+        from avalanche.benchmarks.utils.data_loader import (
+            MultiDatasetDataLoader,
+            ReplayDataLoader,
+        )
+        from torch.utils.data import DataLoader
+
+        if isinstance(loader, ReplayDataLoader):
+            return False
+        return isinstance(loader, (MultiDatasetDataLoader, DataLoader))
+
+    def _batches(
+        self, parts: dict[int, tuple[Tensor, Tensor]], tasks: list[int], size: int, shuffle: bool
+    ) -> TensorBatches:
+        xs, ys, ts = [], [], []
+        for task in tasks:
+            x, y = parts[task]
+            xs.append(x)
+            ys.append(y)
+            ts.append(torch.full((len(y),), task, dtype=torch.long))
+        if len(tasks) == 1:
+            return TensorBatches(xs[0], ys[0], ts[0], size, shuffle)
+        return TensorBatches(torch.cat(xs), torch.cat(ys), torch.cat(ts), size, shuffle)
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Training batches of the experience's tasks (unless replay replaced the loader)."""
+        if not self._train or not self._is_default_loader(strategy.dataloader):
+            return
+        tasks = sorted({int(t) for t in strategy.adapted_dataset.targets_task_labels.uniques})
+        expected = sum(len(self._train[t][1]) for t in tasks)
+        if expected != len(strategy.adapted_dataset):
+            return  # not the plain experience data: keep Avalanche's loader
+        strategy.dataloader = self._batches(self._train, tasks, strategy.train_mb_size, True)
+
+    def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Evaluation batches of the test experience, in dataset order."""
+        if not self._test or not self._is_default_loader(strategy.dataloader):
+            return
+        tasks = [int(t) for t in strategy.experience.task_labels]
+        if len(tasks) != 1 or len(self._test[tasks[0]][1]) != len(strategy.adapted_dataset):
+            return
+        strategy.dataloader = self._batches(self._test, tasks, strategy.eval_mb_size, False)

@@ -32,7 +32,7 @@ from benchmarks._io import read_json, run_paths, write_json
 from benchmarks.data import TaskStream, make_benchmark
 from benchmarks.methods import StrategyContext, build_strategy
 from benchmarks.metrics import summarize_matrix
-from benchmarks.plugins import PlateauEarlyStopping, ProgressPlugin
+from benchmarks.plugins import PlateauEarlyStopping, ProgressPlugin, TensorDataPlugin
 from benchmarks.protocols import Protocol, make_backbone
 
 __all__ = ["RunSpec", "run_one", "seed_everything"]
@@ -52,6 +52,8 @@ class RunSpec:
     device: str
     checkpoint: bool = True
     progress: bool = True
+    #: Slice minibatches from the tensors (fast) instead of Avalanche's per-sample loaders.
+    tensor_data: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +64,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _tensor_parts(
+    stream: TaskStream,
+) -> tuple[dict[int, tuple[Any, Any]], dict[int, tuple[Any, Any]]]:
+    train = {t: (task.x_train, task.y_train) for t, task in enumerate(stream.tasks)}
+    test = {t: (task.x_test, task.y_test) for t, task in enumerate(stream.tasks)}
+    return train, test
 
 
 def _accuracy_row(evaluator: Any, n_tasks: int) -> list[float]:
@@ -155,7 +165,10 @@ def run_one(
         n_tasks=n_tasks,
         source=stream.description["source"],
         first_plugins=first_plugins,
-        last_plugins=[ProgressPlugin(label, n_tasks, spec.progress)],
+        last_plugins=[
+            *([TensorDataPlugin(*_tensor_parts(stream))] if spec.tensor_data else []),
+            ProgressPlugin(label, n_tasks, spec.progress),
+        ],
     )
     strategy = build_strategy(spec.method, ctx, spec.hparams)
     benchmark = make_benchmark(stream)
@@ -180,6 +193,9 @@ def run_one(
         train_seconds = saved["train_seconds"][:start]
         importance_seconds = saved["importance_seconds"][:start]
         eval_seconds = saved["eval_seconds"][:start]
+        for plugin in strategy.plugins:
+            if isinstance(plugin, TensorDataPlugin):
+                plugin.attach(*_tensor_parts(stream))
         if spec.method == "packnet":
             from benchmarks._packnet import restore_packnet_hooks
 

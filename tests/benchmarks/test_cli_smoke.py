@@ -1,0 +1,129 @@
+"""End to end: ``python -m benchmarks`` on split-digits (1 epoch, 2 methods, 1 seed) in a
+temporary run directory; the output files exist and are consistent, and the Markdown table is
+produced from them (``python -m benchmarks report`` after editing a result file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--benchmark",
+        "split-digits",
+        "--methods",
+        "naive,spg",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+@pytest.mark.slow
+def test_cli_writes_every_output_file(
+    run_dir: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    out, proc = run_dir
+    for name in (
+        "config.json",
+        "summary.json",
+        "summary.csv",
+        "results.csv",
+        "matrices.csv",
+        "table.md",
+        "plots/acc_after_each_task.png",
+        "plots/matrix_naive.png",
+        "plots/matrix_spg.png",
+        "runs/naive/seed0/result.json",
+        "runs/spg/seed0/result.json",
+    ):
+        assert (out / name).is_file(), name
+    # A finished run leaves no checkpoint behind.
+    assert not list(out.glob("runs/*/seed0/checkpoint.pkl"))
+    # The table is printed and written.
+    table = (out / "table.md").read_text()
+    assert "| naive | 1 |" in table and "| spg | 1 |" in table
+    assert table.strip() in proc.stdout
+
+
+@pytest.mark.slow
+def test_result_files_hold_a_consistent_accuracy_matrix(
+    run_dir: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    out, _ = run_dir
+    for method in ("naive", "spg"):
+        result = json.loads((out / "runs" / method / "seed0" / "result.json").read_text())
+        matrix = result["matrix"]
+        assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
+        assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+        assert result["acc"] == pytest.approx(sum(matrix[-1]) / 5)
+        assert result["bwt"] == pytest.approx(
+            sum(matrix[4][t] - matrix[t][t] for t in range(4)) / 4
+        )
+        assert result["train_seconds"] > 0
+        assert result["protocol"]["epochs"] == 1
+    spg = json.loads((out / "runs/spg/seed0/result.json").read_text())
+    naive = json.loads((out / "runs/naive/seed0/result.json").read_text())
+    assert spg["importance_seconds"] > 0 and naive["importance_seconds"] == 0
+    with open(out / "results.csv", newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert float(rows["spg"]["acc"]) == pytest.approx(spg["acc"])
+    with open(out / "matrices.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 2 * 25
+
+
+@pytest.mark.slow
+def test_the_table_starts_with_the_exact_command(
+    run_dir: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    out, _ = run_dir
+    table = (out / "table.md").read_text()
+    command = json.loads((out / "config.json").read_text())["commands"][0]
+    assert command.startswith("python -m benchmarks --benchmark split-digits --methods naive,spg")
+    assert table.index(command) < table.index("| method |")
+
+
+@pytest.mark.slow
+def test_report_rebuilds_the_table_from_the_files(
+    run_dir: tuple[Path, subprocess.CompletedProcess[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = run_dir
+    path = out / "runs" / "naive" / "seed0" / "result.json"
+    result = json.loads(path.read_text())
+    result["acc"] = 0.1234
+    path.write_text(json.dumps(result))
+    assert main(["report", str(out), "--no-plots"]) == 0
+    table = (out / "table.md").read_text()
+    assert "| naive | 1 | 12.34 ± 0.00 |" in table
+    assert table.strip() in capsys.readouterr().out
+    with open(out / "summary.csv", newline="") as fh:
+        naive = next(r for r in csv.DictReader(fh) if r["method"] == "naive")
+    assert float(naive["acc_mean"]) == pytest.approx(0.1234)
