@@ -38,7 +38,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,8 @@ from avalanche.distributed import DistributedHelper
 from torch import nn
 
 from avalanche_spg.plugin import unwrap_model
+
+T = TypeVar("T")
 
 __all__ = [
     "DistributedSetup",
@@ -59,6 +61,9 @@ __all__ = [
     "parameter_digests",
     "check_parameters_synchronized",
     "unwrapped_model",
+    "main_process_first",
+    "broadcast_from_main",
+    "add_distributed_support",
     "DistributedSupportPlugin",
     "ParameterSyncCheckPlugin",
 ]
@@ -199,6 +204,39 @@ def unwrapped_model(strategy: Any) -> Iterator[None]:
         yield
     finally:
         strategy.model = wrapped
+
+
+def main_process_first() -> Any:
+    """A context in which rank 0 runs first and the other ranks wait (e.g. unpacking a dataset).
+
+    Avalanche's ``DistributedHelper.main_process_first()``; a plain context in one process.
+    """
+    return DistributedHelper.main_process_first()
+
+
+def broadcast_from_main(obj: T) -> T:
+    """Rank 0's value of ``obj`` on every rank (picklable objects; ``obj`` itself when alone).
+
+    Use it for decisions that read files only rank 0 writes (is there a checkpoint, which runs
+    are left), so that every rank takes the same branch.
+    """
+    if not is_distributed():
+        return obj
+    return DistributedHelper.broadcast_object(obj)
+
+
+def add_distributed_support(strategy: Any, full_eval: bool = True) -> DistributedSupportPlugin:
+    """The strategy's :class:`DistributedSupportPlugin`, appended to ``strategy.plugins`` if absent.
+
+    Call it after ``maybe_load_checkpoint``: a checkpoint replaces ``strategy.plugins`` with the
+    list it was saved with, which lacks the plugin if a run without it wrote the checkpoint.
+    """
+    for plugin in strategy.plugins:
+        if isinstance(plugin, DistributedSupportPlugin):
+            return plugin
+    plugin = DistributedSupportPlugin(full_eval=full_eval)
+    strategy.plugins.append(plugin)
+    return plugin
 
 
 # ------------------------------------------------------------------ plugins
