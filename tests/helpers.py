@@ -149,6 +149,7 @@ def make_naive(
     evaluator: Any = None,
     criterion: Any = None,
     strategy_cls: type = Naive,
+    device: str | torch.device = "cpu",
     **kwargs: Any,
 ) -> Any:
     """A small strategy (``Naive`` by default) with plain SGD unless ``optimizer`` is given."""
@@ -163,7 +164,7 @@ def make_naive(
         eval_mb_size=256,
         plugins=list(plugins),
         evaluator=evaluator if evaluator is not None else quiet_evaluator(),
-        device="cpu",
+        device=device,
         **kwargs,
     )
 
