@@ -11,16 +11,33 @@ standardise each feature tensor's summed gradient, squash with ``|tanh|`` and ta
 heads. Two implementations give the same result:
 
 ``"reference"``
-    The straightforward loop of the spec: one forward and one ``backward()`` per head per
-    minibatch, at the reference minibatch size.
+    The straightforward loop of the spec: for every head, one forward and one ``backward()``
+    per minibatch at the reference minibatch size. After task ``k`` that is ``k + 1`` full
+    forward/backward passes over the task's data.
 ``"fast"``
-    One forward per (larger) minibatch shared by all heads, then one gradient call per head that
-    only reaches the feature parameters. The reference's *sum of per-minibatch means* is
-    reproduced exactly at any batch size by weighting every sample by ``1 / size`` of the
-    reference minibatch it would have been in. With dropout active the two paths differ only in
-    which random masks each head sees (here all heads share one).
+    One forward of the feature extractor per minibatch, shared by all heads. The classifier's
+    input ``h`` is captured with a forward pre-hook on the model's ``MultiHeadClassifier``; each
+    head's cotangent ``dL_j/dh`` is computed on a detached copy of ``h`` (only the small head
+    runs again), and one backward per head from ``h`` reaches the feature parameters only. So
+    the pass costs ``1`` forward plus ``k + 1`` feature-extractor backward passes instead of
+    ``k + 1`` of each. Minibatches may be larger than the reference's: its *sum of per-minibatch
+    means* is reproduced exactly at any batch size by weighting every sample by ``1 / size`` of
+    the reference minibatch it would have been in (:func:`reference_sample_weights`).
+    Optionally (``vectorize_heads=True``) the per-head backward passes run as one batched call
+    (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the stacked
+    cotangents), falling back to the loop if an operation has no batching rule.
 
-Both accumulate the summed gradients in float32 whatever the model's dtype.
+With no dropout the two methods agree up to float rounding (bit for bit when the fast pass uses
+the reference batch size and the input's memory format is kept). With dropout they differ only
+in which random masks each head sees (here all heads share one).
+
+Safety nets of the fast path: if the model has no single ``MultiHeadClassifier``, if a feature
+parameter lives inside it, or if the model's output is not the classifier's output on the
+captured features (a model that post-processes its logits), the fast pass runs one shared-batch
+forward per head instead (still larger minibatches and feature-only gradients).
+
+Summed gradients are accumulated in float32 (float64 for a float64 model), whatever the model's
+dtype; ``gamma`` is float32.
 """
 
 from __future__ import annotations
@@ -40,15 +57,25 @@ __all__ = [
     "ImportanceMethod",
     "GradReducer",
     "compute_gamma",
+    "default_pass_batch_size",
     "reference_sample_weights",
     "find_multihead_classifier",
     "preserve_train_flags",
 ]
 
 ImportanceMethod = Literal["fast", "reference"]
-#: Called on each head's summed float32 gradients before standardisation, in place (the
-#: distributed plugin sums them across ranks here).
+#: Called on each head's summed gradients before standardisation, in place (the distributed
+#: plugin sums them across ranks here).
 GradReducer = Callable[[list[Tensor]], None]
+
+#: Default number of samples per minibatch of the fast pass, per device type. On CPU larger
+#: batches do not make a convolution's backward cheaper per sample (measured, see
+#: ``benchmarks/results/perf.md``), while staying close to the reference batch keeps the
+#: rounding closest to the reference loop's; on a GPU larger batches amortise kernel launches.
+_TARGET_PASS_BATCH = {"cpu": 64, "cuda": 512}
+#: With ``vectorize_heads``, at most this many cotangent rows (heads x samples) per batched
+#: backward call, which bounds the memory of the batched activation gradients.
+_MAX_BATCHED_ROWS = 4096
 
 
 @contextmanager
@@ -77,6 +104,13 @@ def reference_sample_weights(positions: Sequence[int], batch_size: int, total: i
     return 1.0 / sizes.to(torch.float64)
 
 
+def default_pass_batch_size(reference_batch_size: int, device: torch.device | str) -> int:
+    """The fast pass's default minibatch size: a multiple of the reference size near a
+    per-device target (64 samples on CPU, 512 on a GPU)."""
+    target = _TARGET_PASS_BATCH.get(torch.device(device).type, 512)
+    return reference_batch_size * max(1, target // reference_batch_size)
+
+
 def find_multihead_classifier(model: nn.Module) -> nn.Module | None:
     """The single Avalanche ``MultiHeadClassifier`` inside ``model``, or ``None``."""
     from avalanche.models import MultiHeadClassifier
@@ -103,6 +137,44 @@ def _forward(model: nn.Module, x: Tensor, task: int, multitask: bool) -> Tensor:
     return model(x, task_labels=task) if multitask else model(x)
 
 
+def _sum_dtype(param: Tensor) -> torch.dtype:
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+class _Batches:
+    """The pass's minibatches on the device, with the reference weight of every sample."""
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        weights: Tensor,
+        device: torch.device,
+        default_task: int,
+        channels_last: bool,
+    ) -> None:
+        self.loader = loader
+        self.weights = weights.to(device)  # moved once, not per batch
+        self.device = device
+        self.default_task = default_task
+        self.channels_last = channels_last
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, list[int]]]:
+        """``(x, y, task labels, weights, sorted distinct task labels)`` per minibatch."""
+        start = 0
+        for batch in self.loader:
+            x, y, t = _split_batch(batch, self.default_task)
+            # The distinct tasks are read on the host, before the transfer: no device sync.
+            tasks = torch.unique(t.cpu()).tolist()
+            x = x.to(self.device)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(self.device)
+            t = t.to(self.device)
+            w = self.weights[start : start + len(y)]
+            start += len(y)
+            yield x, y, t, w, tasks
+
+
 def compute_gamma(
     model: nn.Module,
     dataset: Dataset,
@@ -118,6 +190,8 @@ def compute_gamma(
     total_samples: int | None = None,
     grad_reducer: GradReducer | None = None,
     num_workers: int = 0,
+    vectorize_heads: bool = False,
+    channels_last: bool | None = None,
 ) -> dict[str, Tensor]:
     """Compute ``gamma`` (max over heads of ``|tanh(standardise(G))|``) for one experience.
 
@@ -136,22 +210,33 @@ def compute_gamma(
         training minibatch size in the reference).
     :param method: ``"fast"`` (shared forward, feature-only gradients, larger batches) or
         ``"reference"`` (the straightforward per-head loop). See the module docstring.
-    :param pass_batch_size: minibatch size of the fast pass (default: a multiple of the reference
-        size near 512). The result does not depend on it (up to float rounding).
+    :param pass_batch_size: minibatch size of the fast pass (default:
+        :func:`default_pass_batch_size`). The result does not depend on it (up to float
+        rounding).
     :param indices: positions in ``dataset`` this process handles (default: all). Weights are
         taken from the *global* position, so per-rank sums add up to the single-process sum.
     :param total_samples: size of the whole experience when ``indices`` is a shard.
     :param grad_reducer: called on each head's list of summed gradients before standardisation
         (e.g. an all-reduce across ranks).
     :param num_workers: DataLoader workers for the pass.
+    :param vectorize_heads: fast pass only: run the per-head backward passes as one batched
+        (``vmap``) call per minibatch instead of a loop. Same result up to rounding; measured
+        slower on CPU (the default there), untested for speed on GPU. Falls back to the loop if
+        the model uses an operation without a batching rule.
+    :param channels_last: fast pass only: feed 4-D inputs in channels-last memory format, which
+        makes CPU convolutions markedly cheaper (same values up to rounding). ``None``
+        (default): on CPU only.
     :return: ``{name: gamma}`` for every feature parameter, float32, shaped like the parameter.
     """
     if reference_batch_size < 1:
         raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
     if method not in ("fast", "reference"):
         raise ValueError(f"method must be 'fast' or 'reference', got {method!r}")
+    if pass_batch_size is not None and pass_batch_size < 1:
+        raise ValueError(f"pass_batch_size must be >= 1 or None, got {pass_batch_size}")
     from avalanche.models import MultiTaskModule
 
+    device = torch.device(device)
     names = list(feature_params)
     params = [feature_params[n] for n in names]
     multitask = isinstance(model, MultiTaskModule)
@@ -164,59 +249,89 @@ def compute_gamma(
     positions = list(range(n_total)) if indices is None else [int(i) for i in indices]
     if method == "reference":
         batch_size = reference_batch_size
+        channels_last = False
     else:
-        batch_size = pass_batch_size or reference_batch_size * max(1, 512 // reference_batch_size)
+        batch_size = pass_batch_size or default_pass_batch_size(reference_batch_size, device)
+        if channels_last is None:
+            channels_last = device.type == "cpu"
     subset = Subset(dataset, positions)
-    collate = getattr(dataset, "collate_fn", None)
     loader = DataLoader(
-        subset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers
+        subset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=getattr(dataset, "collate_fn", None),
+        num_workers=num_workers,
     )
-    weights_all = reference_sample_weights(positions, reference_batch_size, n_total)
+    batches = _Batches(
+        loader,
+        reference_sample_weights(positions, reference_batch_size, n_total),
+        device,
+        default_task,
+        bool(channels_last),
+    )
 
     sums = [
-        [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] for _ in heads
+        [torch.zeros(p.shape, dtype=_sum_dtype(p), device=p.device) for p in params] for _ in heads
     ]
     with preserve_train_flags(model, True), torch.enable_grad():
         model.zero_grad(set_to_none=True)
         if method == "reference":
-            _reference_loop(
-                model,
-                loader,
-                params,
-                heads,
-                sums,
-                device,
-                default_task,
-                multitask,
-                weights_all,
-                batch_size,
-            )
+            _reference_loop(model, batches, params, heads, sums, multitask)
         else:
-            _fast_loop(
-                model,
-                loader,
-                params,
-                heads,
-                sums,
-                device,
-                default_task,
-                multitask,
-                weights_all,
-                batch_size,
-            )
+            _fast_loop(model, batches, params, heads, sums, multitask, vectorize_heads)
         model.zero_grad(set_to_none=True)
 
-    gamma: dict[str, Tensor] = {}
+    max_abs_z: list[Tensor | None] = [None] * len(params)
     for head_sums in sums:
         if grad_reducer is not None:
             grad_reducer(head_sums)
-        for name, param, summed in zip(names, params, head_sums):
-            value = standardized_importance(summed, like=param)
-            previous_value = gamma.get(name)
-            gamma[name] = value if previous_value is None else torch.maximum(previous_value, value)
+        for index, summed in enumerate(head_sums):
+            max_abs_z[index] = _fold_abs_z(max_abs_z[index], summed)
+        head_sums.clear()  # each head's sums are consumed (and freed) as soon as folded
+    gamma: dict[str, Tensor] = {}
+    for name, param, value in zip(names, params, max_abs_z):
+        if value is None:
+            gamma[name] = standardized_importance(None, like=param)  # zeros
+        else:
+            gamma[name] = value.tanh_().clamp_(max=_below_one(value.device))
     return gamma
 
 
+def _below_one(device: torch.device) -> Tensor:
+    one = torch.ones((), dtype=torch.float32, device=device)
+    return torch.nextafter(one, torch.zeros_like(one))
+
+
+def _fold_abs_z(running: Tensor | None, summed: Tensor) -> Tensor | None:
+    """``max(running, |standardise(summed)|)``, in place in ``summed`` (which it consumes).
+
+    :func:`avalanche_spg.importance.standardized_importance` computes, per head,
+    ``|tanh((G - mean) / std)|`` clamped below 1, with all its guards, and the pass then takes
+    the elementwise max over heads: about a dozen passes over every parameter per head, which
+    after task 9 cost as much as the backward passes of a small experience. Here each head
+    only contributes ``|z|`` to a running maximum and ``tanh``/clamp run once at the end:
+    ``max_j |tanh(z_j)| = tanh(max_j |z_j|)`` since ``tanh`` is odd and increasing (and its
+    float implementation is odd and monotone, so the values are the same). The operations on
+    ``z`` are the same as there (``G.float()``, ``G.mean()``, ``G.std()``, subtract, divide).
+
+    Usability is the spec's: at least 2 elements, all finite, not all zero, std finite and
+    > 0. A finite, positive std implies the other two (an infinite or NaN element makes the
+    std NaN; all zeros make it 0), so only the std is checked. Unusable: ``running``
+    unchanged.
+    """
+    if summed.numel() < 2:
+        return running
+    z = summed.detach().float()
+    std = z.std()
+    if not (bool(torch.isfinite(std)) and float(std) > 0.0):
+        return running
+    z.sub_(z.mean()).div_(std).abs_()
+    if running is None:
+        return z
+    return torch.maximum(running, z, out=running)
+
+
+# ----------------------------------------------------------------------------- reference loop
 def _per_sample_current_loss(
     model: nn.Module, x: Tensor, y: Tensor, t: Tensor, multitask: bool
 ) -> Tensor:
@@ -235,126 +350,193 @@ def _per_sample_current_loss(
     return losses
 
 
+def _current_loss(
+    model: nn.Module, x: Tensor, y: Tensor, t: Tensor, w: Tensor, multitask: bool
+) -> Tensor:
+    """The reference's batch mean in per-sample form: ``sum_i w_i * CE_i`` (``w_i`` is
+    ``1 / len(reference minibatch)``), which also handles a smaller last minibatch and any
+    batching of the samples."""
+    return (_per_sample_current_loss(model, x, y, t, multitask).double() * w).sum()
+
+
 def _reference_loop(
     model: nn.Module,
-    loader: DataLoader,
+    batches: _Batches,
     params: list[nn.Parameter],
     heads: list[int | None],
     sums: list[list[Tensor]],
-    device: Any,
-    default_task: int,
     multitask: bool,
-    weights_all: Tensor,
-    batch_size: int,
 ) -> None:
     for head, head_sums in zip(heads, sums):
         model.zero_grad(set_to_none=True)
-        start = 0
-        for batch in loader:
-            x, y, t = _split_batch(batch, default_task)
-            x, y, t = x.to(device), y.to(device), t.to(device)
+        for x, y, t, w, _ in batches:
             if head is None:
-                # The reference's batch mean, in the per-sample form that also works when the
-                # last batch is smaller: weights are 1/len(batch) for every sample here.
-                w = weights_all[start : start + len(y)].to(device=device)
-                loss = (_per_sample_current_loss(model, x, y, t, multitask).double() * w).sum()
+                loss = _current_loss(model, x, y, t, w, multitask)
             else:
                 loss = _forward(model, x, head, multitask).sum()
-            start += len(y)
             loss.backward()
             for param, acc in zip(params, head_sums):
                 if param.grad is not None:
-                    acc.add_(param.grad.float())
+                    acc.add_(param.grad)
                     param.grad = None
         model.zero_grad(set_to_none=True)
 
 
+# ---------------------------------------------------------------------------------- fast path
+class _TapMismatch(Exception):
+    """The model's output is not its classifier's output on the captured features."""
+
+
 def _fast_loop(
     model: nn.Module,
-    loader: DataLoader,
+    batches: _Batches,
     params: list[nn.Parameter],
     heads: list[int | None],
     sums: list[list[Tensor]],
-    device: Any,
-    default_task: int,
     multitask: bool,
-    weights_all: Tensor,
-    batch_size: int,
+    vectorize_heads: bool,
 ) -> None:
     classifier = find_multihead_classifier(model) if multitask else None
-    old_heads = [h for h in heads if h is not None]
-    if old_heads and classifier is None:
-        # Without a MultiHeadClassifier to tap, old heads need their own forward each.
-        _shared_forward_without_tap(
-            model, loader, params, heads, sums, device, default_task, multitask, weights_all
-        )
-        return
+    if classifier is not None:
+        inside = {id(p) for p in classifier.parameters()}
+        if any(id(p) in inside for p in params):
+            classifier = None  # a "feature" parameter behind the tap: h would not reach it
+    if classifier is not None:
+        try:
+            _tapped_loop(model, classifier, batches, params, heads, sums, vectorize_heads)
+            return
+        except _TapMismatch:
+            for head_sums in sums:
+                torch._foreach_zero_(head_sums)
+            model.zero_grad(set_to_none=True)
+    _shared_batch_loop(model, batches, params, heads, sums, multitask)
+
+
+def _tapped_loop(
+    model: nn.Module,
+    classifier: Any,  # avalanche.models.MultiHeadClassifier
+    batches: _Batches,
+    params: list[nn.Parameter],
+    heads: list[int | None],
+    sums: list[list[Tensor]],
+    vectorize_heads: bool,
+) -> None:
     captured: list[Tensor] = []
 
     def grab_features(_module: nn.Module, args: tuple[Any, ...]) -> None:
         captured.append(args[0])
 
-    handle = classifier.register_forward_pre_hook(grab_features) if classifier else None
+    vectorize = [vectorize_heads and len(heads) > 1]
+    handle = classifier.register_forward_pre_hook(grab_features)
     try:
-        start = 0
-        for batch in loader:
-            x, y, t = _split_batch(batch, default_task)
-            x, y, t = x.to(device), y.to(device), t.to(device)
-            w = weights_all[start : start + len(y)].to(device=device)
-            start += len(y)
-            captured.clear()
-            current = (_per_sample_current_loss(model, x, y, t, multitask).double() * w).sum()
-            losses: list[Tensor] = []
-            for head in heads:
-                if head is None:
-                    losses.append(current)
+        for x, y, t, w, tasks in batches:
+            features: list[Tensor] = []  # one graph per task group of the minibatch
+            cotangents: list[list[Tensor]] = [[] for _ in heads]
+            for task in tasks:
+                if len(tasks) == 1:
+                    xg, yg, wg = x, y, w
                 else:
-                    assert classifier is not None
-                    # One captured feature batch per task group; old heads see all of them.
-                    losses.append(
-                        sum(classifier.forward_single_task(h, head).sum() for h in captured)
-                    )  # type: ignore[misc]
-            _accumulate_head_grads(losses, params, sums)
+                    rows = (t == task).nonzero().squeeze(1)
+                    xg, yg, wg = x[rows], y[rows], w[rows]
+                captured.clear()
+                out = model(xg, task_labels=int(task))
+                if len(captured) != 1:
+                    raise _TapMismatch
+                h = captured[0]
+                captured.clear()
+                head_input = h.detach().requires_grad_(True)
+                own = classifier.forward_single_task(head_input, int(task))
+                if own.shape != out.shape or not torch.allclose(
+                    own.detach(), out.detach(), rtol=1e-5, atol=1e-6
+                ):
+                    raise _TapMismatch
+                del out
+                for index, head in enumerate(heads):
+                    if head is None:
+                        # The current head's loss, on the logits just checked to be the model's.
+                        loss = (F.cross_entropy(own, yg, reduction="none").double() * wg).sum()
+                    else:
+                        loss = classifier.forward_single_task(head_input, head).sum()
+                    (grad,) = torch.autograd.grad(loss, head_input, allow_unused=True)
+                    cotangents[index].append(torch.zeros_like(h) if grad is None else grad)
+                features.append(h)
+            _feature_backward(features, cotangents, params, sums, vectorize)
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
 
 
-def _shared_forward_without_tap(
+def _feature_backward(
+    features: list[Tensor],
+    cotangents: list[list[Tensor]],
+    params: list[nn.Parameter],
+    sums: list[list[Tensor]],
+    vectorize: list[bool],
+) -> None:
+    """Add every head's ``J^T cotangent`` (feature parameters only) to its sums."""
+    n_heads = len(cotangents)
+    done = 0
+    if vectorize[0]:
+        rows = sum(len(h) for h in features)
+        chunk = max(1, min(n_heads, _MAX_BATCHED_ROWS // max(1, rows)))
+        try:
+            while done < n_heads:
+                stop = min(n_heads, done + chunk)
+                stacked = [
+                    torch.stack([cotangents[i][g] for i in range(done, stop)])
+                    for g in range(len(features))
+                ]
+                grads = torch.autograd.grad(
+                    features,
+                    params,
+                    grad_outputs=stacked,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+                for offset, head_sums in enumerate(sums[done:stop]):
+                    _add_grads(head_sums, [None if g is None else g[offset] for g in grads])
+                done = stop
+            return
+        except RuntimeError:
+            # An operation without a batching rule: the loop below gives the same result.
+            vectorize[0] = False
+    for index in range(done, n_heads):
+        grads = torch.autograd.grad(
+            features,
+            params,
+            grad_outputs=cotangents[index],
+            retain_graph=index < n_heads - 1,
+            allow_unused=True,
+        )
+        _add_grads(sums[index], list(grads))
+
+
+def _add_grads(head_sums: list[Tensor], grads: list[Tensor | None]) -> None:
+    pairs = [(acc, g) for acc, g in zip(head_sums, grads) if g is not None]
+    if not pairs:
+        return
+    accs = [acc for acc, _ in pairs]
+    values = [g if g.dtype == acc.dtype else g.to(acc.dtype) for acc, g in pairs]
+    torch._foreach_add_(accs, values)
+
+
+def _shared_batch_loop(
     model: nn.Module,
-    loader: DataLoader,
+    batches: _Batches,
     params: list[nn.Parameter],
     heads: list[int | None],
     sums: list[list[Tensor]],
-    device: Any,
-    default_task: int,
     multitask: bool,
-    weights_all: Tensor,
 ) -> None:
-    start = 0
-    for batch in loader:
-        x, y, t = _split_batch(batch, default_task)
-        x, y, t = x.to(device), y.to(device), t.to(device)
-        w = weights_all[start : start + len(y)].to(device=device)
-        start += len(y)
-        losses = [
-            (_per_sample_current_loss(model, x, y, t, multitask).double() * w).sum()
-            if head is None
-            else _forward(model, x, head, multitask).sum()
-            for head in heads
-        ]
-        _accumulate_head_grads(losses, params, sums)
-
-
-def _accumulate_head_grads(
-    losses: list[Tensor], params: list[nn.Parameter], sums: list[list[Tensor]]
-) -> None:
-    for index, (loss, head_sums) in enumerate(zip(losses, sums)):
-        if not loss.requires_grad:
-            continue
-        grads = torch.autograd.grad(
-            loss, params, retain_graph=index < len(losses) - 1, allow_unused=True
-        )
-        for acc, grad in zip(head_sums, grads):
-            if grad is not None:
-                acc.add_(grad.float())
+    """Without a classifier to tap: one forward per head on the (larger) minibatch, gradients
+    of the feature parameters only."""
+    for x, y, t, w, _ in batches:
+        for index, head in enumerate(heads):
+            if head is None:
+                loss = _current_loss(model, x, y, t, w, multitask)
+            else:
+                loss = _forward(model, x, head, multitask).sum()
+            if not loss.requires_grad:
+                continue
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            _add_grads(sums[index], list(grads))

@@ -3,7 +3,14 @@
 Spec ``spg-algorithm.md`` §2 (paper Section 3.2, Eq. 4-5): after ``backward()`` and before
 ``optimizer.step()``, every feature-extractor gradient is multiplied elementwise by ``1 - A`` and
 every head gradient by the scalar ``1 - mean(A)``. The factors are computed once per experience
-on the parameters' device, so a training step does no allocation and no host-device transfer.
+on the parameters' device, so a training step does no allocation and no host-device transfer:
+
+* feature gradients: one fused ``_foreach_mul_`` with the precomputed factor tensors;
+* head gradients: the reference's clipping to a total norm (``clip_grad_norm_`` semantics:
+  ``coef = min(1, max_norm / (total_norm + 1e-6))``) and the head scale are folded into a single
+  device scalar ``coef * head_scale``, computed into buffers allocated once per experience
+  (``out=`` / in-place ops, no ``.item()``), then applied with one ``_foreach_mul_``. When the
+  clip does not fire ``coef`` is exactly 1, so the result is bit for bit ``grad * head_scale``.
 
 The *update* variant (``mask="update"``) masks the parameter change of an optimizer step
 instead: ``theta <- theta_before + factor * (theta_after - theta_before)``, which holds under any
@@ -38,6 +45,10 @@ class MaskSet:
     head_scale: float
     clip_head_norm: float | None = 1e4
     _snapshots: list[Tensor] = field(default_factory=list, repr=False)
+    # Per-experience scratch for head clipping: {(device, dtype): (norms, total, coef, max)}.
+    _clip_buffers: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = field(
+        default_factory=dict, repr=False
+    )
 
     def mask_gradients(self) -> None:
         """``grad *= factor`` for features, clip then ``grad *= head_scale`` for heads."""
@@ -52,13 +63,44 @@ class MaskSet:
         self._mask_head_gradients(scale=True)
 
     def _mask_head_gradients(self, scale: bool) -> None:
-        head = [p for p in self.head_params if p.grad is not None]
-        if not head:
+        grads = [p.grad for p in self.head_params if p.grad is not None]
+        if not grads:
             return
-        if self.clip_head_norm is not None:
-            torch.nn.utils.clip_grad_norm_(head, self.clip_head_norm, foreach=True)
-        if scale and self.head_scale != 1.0:
-            torch._foreach_mul_([p.grad for p in head], self.head_scale)  # type: ignore[misc]
+        factor = self.head_scale if scale else 1.0
+        if self.clip_head_norm is None:
+            if factor != 1.0:
+                torch._foreach_mul_(grads, factor)
+            return
+        first = grads[0]
+        if any(g.device != first.device or g.dtype != first.dtype for g in grads):
+            # Heads spread over devices or dtypes: the library routine groups them.
+            torch.nn.utils.clip_grad_norm_(self.head_params, self.clip_head_norm, foreach=True)
+            if factor != 1.0:
+                torch._foreach_mul_(grads, factor)
+            return
+        norms, total, coef, max_norm = self._head_clip_buffers(first)
+        norms = norms[: len(grads)]
+        for index, grad in enumerate(grads):
+            torch.linalg.vector_norm(grad, out=norms[index])
+        torch.linalg.vector_norm(norms, out=total)
+        total.add_(1e-6)
+        torch.div(max_norm, total, out=coef)
+        coef.clamp_(max=1.0)
+        if factor != 1.0:
+            coef.mul_(factor)
+        torch._foreach_mul_(grads, coef)
+
+    def _head_clip_buffers(self, like: Tensor) -> tuple[Tensor, ...]:
+        key = (like.device, like.dtype)
+        buffers = self._clip_buffers.get(key)
+        if buffers is None:
+            assert self.clip_head_norm is not None
+            norms = torch.empty(len(self.head_params), dtype=like.dtype, device=like.device)
+            total = torch.empty((), dtype=like.dtype, device=like.device)
+            coef = torch.empty((), dtype=like.dtype, device=like.device)
+            max_norm = torch.full((), self.clip_head_norm, dtype=like.dtype, device=like.device)
+            buffers = self._clip_buffers[key] = (norms, total, coef, max_norm)
+        return buffers
 
     # --- update masking -----------------------------------------------------------------------
     def snapshot(self) -> None:
