@@ -69,6 +69,7 @@ run directory (--out; default runs/<benchmark>-<protocol>-<hash of the settings>
   different settings (epochs, lr, subsampling, hyperparameters) cannot share a directory.
 
   python -m benchmarks report RUN_DIR   rebuilds summary/CSV/table/plots from the result files
+  python -m benchmarks compare DIR...   one ACC/BWT table across run directories
 
 examples:
   python -m benchmarks
@@ -257,6 +258,17 @@ def build_report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_compare_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks compare``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks compare",
+        description="Print one Markdown table of ACC and BWT (mean ± std over seeds, %) per "
+        "method across several run directories (read from their summary.csv).",
+    )
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
+    return parser
+
+
 def backbone_description(protocol: str, source: str) -> str:
     """The backbone in words, for the table (mirrors :func:`protocols.make_backbone`)."""
     channels, height, width = SOURCE_SHAPES[source]
@@ -434,6 +446,17 @@ def run_command(args: argparse.Namespace, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        cargs = build_compare_parser().parse_args(argv[1:])
+        from benchmarks.report import compare_table
+
+        try:
+            table = compare_table(cargs.run_dirs)
+        except FileNotFoundError as err:
+            print(f"error: {err} (run 'python -m benchmarks report' on it first?)", file=sys.stderr)
+            return 2
+        print(table, end="")
+        return 0
     if argv and argv[0] == "report":
         args = build_report_parser().parse_args(argv[1:])
         from benchmarks.report import write_report
@@ -447,9 +470,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        parse_hparams(args.hparam)
+        settings = resolve_settings(args)
     except ValueError as err:
         parser.error(str(err))
+    if "packnet" in args.methods:
+        if args.protocol == "paper":
+            parser.error(
+                "packnet prunes at a fixed epoch, which early stopping may never reach: use it "
+                "with --protocol quick"
+            )
+        source = BENCHMARKS[args.benchmark].source
+        post = method_hparams("packnet", source, settings["hparam_overrides"])["post_prune_epochs"]
+        if settings["epochs"] <= post:
+            parser.error(
+                f"packnet fine-tunes for {post} epoch(s) after pruning, so it needs --epochs >= "
+                f"{post + 1} (got {settings['epochs']})"
+            )
     if args.data_root is None:
         args.data_root = default_data_root()
     command = "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv))

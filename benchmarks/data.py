@@ -133,7 +133,7 @@ def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-def prepare_fashion_mnist(root: Path, system_copy: Path = SYSTEM_FASHION_MNIST) -> bool:
+def prepare_fashion_mnist(root: Path, system_copy: Path | None = None) -> bool:
     """Put a system copy of Fashion-MNIST where torchvision looks, if it is not there yet.
 
     torchvision's ``FashionMNIST(root)`` accepts the four *unzipped* IDX files in
@@ -141,8 +141,10 @@ def prepare_fashion_mnist(root: Path, system_copy: Path = SYSTEM_FASHION_MNIST) 
     ``dataset-fashion-mnist`` ships the same files gzipped (recompressed, so torchvision's md5
     check would reject them as a download cache); unzipping them is enough.
 
+    :param system_copy: folder with the ``.gz`` files (default :data:`SYSTEM_FASHION_MNIST`).
     :return: ``True`` if the four files are (now) in place.
     """
+    system_copy = SYSTEM_FASHION_MNIST if system_copy is None else system_copy
     raw = root / "FashionMNIST" / "raw"
     if all((raw / name).is_file() for name in _IDX_FILES):
         return True

@@ -32,6 +32,7 @@ import argparse
 import copy
 import datetime
 import gc
+import json
 import os
 import platform
 import shlex
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PerfSizes", "SIZES", "main", "build_parser", "held_memory"]
+__all__ = ["PerfSizes", "SIZES", "collect", "render", "main", "build_parser", "held_memory"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "perf.md"
 
@@ -111,6 +112,7 @@ SIZES = {
 }
 
 MODELS = ("mlp", "alexnet")
+PARTS = ("iteration", "importance", "memory", "subset")
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -730,6 +732,44 @@ def render(
     return "\n".join(lines)
 
 
+def _log(message: str) -> None:
+    print(f"[perf {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def collect(
+    sizes: PerfSizes,
+    device: torch.device,
+    parts: Sequence[str] = PARTS,
+    models: Sequence[str] = MODELS,
+    *,
+    vectorized: bool = True,
+    log: Callable[[str], None] = _log,
+) -> dict[str, Any]:
+    """Run the chosen measurements; ``{part: rows}`` as :func:`render` takes them."""
+    results: dict[str, Any] = {}
+    if "iteration" in parts:
+        results["iteration"] = []
+        for model in models:
+            log(f"(a) training iteration, {model}")
+            results["iteration"].append(measure_iteration(model, sizes, device))
+    if "importance" in parts:
+        results["importance"] = []
+        for model in models:
+            log(f"(b) importance pass, {model}")
+            results["importance"] += measure_importance_pass(
+                model, sizes, device, vectorized=vectorized
+            )
+    if "memory" in parts:
+        results["memory"] = []
+        for model in models:
+            log(f"(c) memory, {model}")
+            results["memory"] += measure_memory(model, sizes, device)
+    if "subset" in parts:
+        log("(d) importance_max_samples")
+        results["subset"] = measure_subset(sizes, device)
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.perf",
@@ -760,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Markdown file to write (default: {DEFAULT_OUT} for the full profile, "
         "nothing for --tiny); '-' prints only",
     )
+    parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
     parser.add_argument(
         "--no-vectorized", action="store_true", help="skip the vectorised-heads variant in (b)"
     )
@@ -784,39 +825,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = SIZES[profile]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(parts) - {"iteration", "importance", "memory", "subset"}
+    unknown = set(parts) - set(PARTS)
     unknown |= set(models) - set(MODELS)
     if unknown:
         raise SystemExit(f"unknown parts/models: {sorted(unknown)}")
 
     warnings.filterwarnings("ignore", message="No loggers specified")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    results: dict[str, Any] = {}
-
-    def log(message: str) -> None:
-        print(f"[perf {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-    if "iteration" in parts:
-        results["iteration"] = []
-        for model in models:
-            log(f"(a) training iteration, {model}")
-            results["iteration"].append(measure_iteration(model, sizes, device))
-    if "importance" in parts:
-        results["importance"] = []
-        for model in models:
-            log(f"(b) importance pass, {model}")
-            results["importance"] += measure_importance_pass(
-                model, sizes, device, vectorized=not args.no_vectorized
-            )
-    if "memory" in parts:
-        results["memory"] = []
-        for model in models:
-            log(f"(c) memory, {model}")
-            results["memory"] += measure_memory(model, sizes, device)
-    if "subset" in parts:
-        log("(d) importance_max_samples")
-        results["subset"] = measure_subset(sizes, device)
-
+    results = collect(sizes, device, parts, models, vectorized=not args.no_vectorized)
+    results["meta"] = {
+        "command": command,
+        "device": str(device),
+        "profile": profile,
+        "clock": clock,
+    }
     text = render(results, command, device, profile, clock)
     print(text)
     out = args.out if args.out is not None else (None if args.tiny else str(DEFAULT_OUT))
@@ -824,7 +846,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
-        log(f"written to {path}")
+        _log(f"written to {path}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -203,13 +203,13 @@ class ProgressPlugin(SupervisedPlugin):
 
     def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Advance the bar; show the loss now and then."""
-        if self._bar is None:
+        if self._bar is None or self._bar.disable:
             return
         self._bar.update(1)
         if self._bar.n % 25 == 0:
             self._bar.set_postfix_str(
                 f"epoch {strategy.clock.train_exp_epochs + 1}/{strategy.train_epochs} "
-                f"loss {float(strategy.loss):.3f}"
+                f"loss {float(strategy.loss.detach()):.3f}"
             )
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:

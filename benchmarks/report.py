@@ -238,6 +238,7 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
             continue
         ax.plot(range(1, len(curve) + 1), [c * 100 for c in curve], marker="o", ms=3, label=method)
     ax.set_xlabel("tasks learned")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("mean accuracy on tasks seen so far (%)")
     ax.set_title(f"ACC after each task — {title}")
     ax.grid(alpha=0.3)
@@ -303,3 +304,36 @@ def write_report(run_dir: Path, plots: bool = True) -> str:
     table = markdown_table(run_dir)
     (run_dir / "table.md").write_text(table)
     return table
+
+
+def compare_table(run_dirs: Sequence[Path]) -> str:
+    """One Markdown table of ACC and BWT (mean ± std, %) per method across run directories,
+    read from their ``summary.csv`` and ``config.json`` (run ``report`` on them first)."""
+    columns: list[tuple[str, dict[str, dict[str, str]]]] = []
+    methods: list[str] = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        config = read_json(run_dir / "config.json")
+        rows = {row["method"]: row for row in _read_summary_csv(run_dir / "summary.csv")}
+        settings = config.get("settings", {})
+        label = f"{config.get('benchmark')}"
+        if config.get("protocol") != "quick":
+            label += f" ({config.get('protocol')})"
+        seeds = sorted({int(s) for row in rows.values() for s in row["seeds"].split()})
+        label += f", {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+        if settings.get("epochs") and config.get("protocol") == "quick":
+            label += f", {settings['epochs']} ep."
+        columns.append((label, rows))
+        methods += [m for m in rows if m not in methods]
+    header = "| method | " + " | ".join(f"{label}: ACC | BWT" for label, _ in columns) + " |"
+    lines = [header, "|---|" + "---|---|" * len(columns)]
+    for method in methods:
+        cells = []
+        for _, rows in columns:
+            row = rows.get(method)
+            if row is None:
+                cells += ["", ""]
+            else:
+                cells += [_cell(row, "acc", 100, 1), _cell(row, "bwt", 100, 1)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -166,8 +166,11 @@ def test_fashion_mnist_falls_back_to_the_system_copy(tmp_path: Path) -> None:
     assert sorted(set(y_train.tolist())) == list(range(10))
 
 
-def test_fashion_mnist_without_any_copy_reports_missing(tmp_path: Path) -> None:
-    assert not data.prepare_fashion_mnist(tmp_path, system_copy=tmp_path / "nowhere")
+def test_fashion_mnist_without_any_copy_reports_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "nowhere")
+    assert not data.prepare_fashion_mnist(tmp_path)
     with pytest.raises(RuntimeError, match="not found"):
         data.load_source("fmnist", str(tmp_path / "empty"), False)
 
