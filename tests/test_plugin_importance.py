@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from helpers import (
     CallbackProbe,
     CastingMultiHeadMLP,
@@ -18,7 +19,7 @@ from helpers import (
     reference_accumulate,
     reference_gamma,
 )
-from torch import Tensor
+from torch import Tensor, nn
 
 from avalanche_spg import SPGPlugin
 
@@ -214,3 +215,61 @@ def test_importance_batch_size_defaults_to_the_training_minibatch(digits_til_sma
     _assert_importance_close(plugin.importance, expected)
     other = reference_gamma(snapshot, experience.dataset.train(), [], 0, 64)
     assert any((other[n] - expected[n]).abs().max() > 1e-4 for n in expected)
+
+
+class _BatchNormNet(MultiTaskModule):
+    """A multi-head MLP with batch norm in the feature extractor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.classifier = MultiHeadClassifier(16, initial_out_features=2)
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        return self.classifier(self.features(x), task_label)
+
+
+def _state_around_the_pass(benchmark: Any, method: str) -> list[tuple[dict, dict]]:
+    pairs: list[tuple[dict, dict]] = []
+
+    def before(strategy: Any) -> None:
+        pairs.append(({k: v.clone() for k, v in strategy.model.state_dict().items()}, {}))
+
+    def after(strategy: Any) -> None:
+        pairs[-1][1].update({k: v.clone() for k, v in strategy.model.state_dict().items()})
+
+    strategy = make_naive(
+        _BatchNormNet(),
+        [
+            CallbackProbe(after_training_exp=before),
+            SPGPlugin(importance_method=method),
+            CallbackProbe(after_training_exp=after),
+        ],
+    )
+    for experience in benchmark.train_stream[:2]:
+        strategy.train(experience)
+    return pairs
+
+
+@pytest.mark.parametrize("method", ["reference", "fast"])
+def test_pass_leaves_the_parameters_unchanged(digits_til_small: Any, method: str) -> None:
+    for before, after in _state_around_the_pass(digits_til_small, method):
+        params = [k for k in before if "running" not in k and "num_batches" not in k]
+        assert params
+        for key in params:
+            assert torch.equal(after[key], before[key]), key
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QUESTIONABLE: avalanche_spg/importance_pass.py runs the pass in train mode without "
+    "protecting batch-norm buffers, so every pass updates running_mean/running_var/"
+    "num_batches_tracked of BatchNorm layers (k+1 extra passes with method='reference'): the "
+    "evaluated and checkpointed model is not the trained one. Snapshot and restore _BatchNorm "
+    "buffers around the pass.",
+)
+@pytest.mark.parametrize("method", ["reference", "fast"])
+def test_pass_leaves_batch_norm_statistics_unchanged(digits_til_small: Any, method: str) -> None:
+    for before, after in _state_around_the_pass(digits_til_small, method):
+        for key in before:
+            assert torch.equal(after[key], before[key]), key
