@@ -273,3 +273,35 @@ def test_pass_leaves_batch_norm_statistics_unchanged(digits_til_small: Any, meth
     for before, after in _state_around_the_pass(digits_til_small, method):
         for key in before:
             assert torch.equal(after[key], before[key]), key
+
+
+class _DictHeadsNet(MultiTaskModule):
+    """Task heads in a plain ``nn.ModuleDict`` (no Avalanche classifier to tap)."""
+
+    def __init__(self, n_tasks: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.features = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU())
+        self.task_heads = nn.ModuleDict({str(t): nn.Linear(12, 2) for t in range(n_tasks)})
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        return self.task_heads[str(task_label)](self.features(x))
+
+
+@pytest.mark.parametrize("method", ["reference", "fast"])
+def test_custom_heads_without_avalanche_classifier_match_the_reference(
+    digits_til_small: Any, method: str
+) -> None:
+    model = _DictHeadsNet()
+    plugin = SPGPlugin(heads=["task_heads"], importance_method=method)
+    strategy = make_naive(model, [plugin])
+    expected: dict[str, Tensor] = {}
+    names = {"features.0.weight", "features.0.bias", "features.2.weight", "features.2.bias"}
+    seen: list[int] = []
+    for experience in digits_til_small.train_stream[:3]:
+        strategy.train(experience)
+        (task,) = experience.task_labels
+        gamma = reference_gamma(model, experience.dataset.train(), seen, task, MB, names)
+        reference_accumulate(expected, gamma)
+        seen.append(task)
+    _assert_importance_close(plugin.importance, expected)
