@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -266,6 +267,13 @@ def build_compare_parser() -> argparse.ArgumentParser:
         "method across several run directories (read from their summary.csv).",
     )
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="also write the table to FILE (Markdown, with the command and links to each "
+        "directory's table.md)",
+    )
     return parser
 
 
@@ -456,6 +464,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err} (run 'python -m benchmarks report' on it first?)", file=sys.stderr)
             return 2
         print(table, end="")
+        if cargs.out is not None:
+            links = ", ".join(
+                f"[{d.name}]({Path(os.path.relpath(d, cargs.out.parent)).as_posix()}/table.md)"
+                for d in cargs.run_dirs
+            )
+            cargs.out.write_text(
+                "# Benchmark results\n\n"
+                "ACC and BWT in % (mean ± std over seeds), task-incremental. Produced by:\n\n"
+                f"```bash\npython -m benchmarks {shlex.join(argv)}\n```\n\n"
+                f"{table}\n"
+                f"Each column's exact run command, settings, times and plots: {links}.\n"
+            )
         return 0
     if argv and argv[0] == "report":
         args = build_report_parser().parse_args(argv[1:])

@@ -127,3 +127,21 @@ def test_report_rebuilds_the_table_from_the_files(
     with open(out / "summary.csv", newline="") as fh:
         naive = next(r for r in csv.DictReader(fh) if r["method"] == "naive")
     assert float(naive["acc_mean"]) == pytest.approx(0.1234)
+
+
+@pytest.mark.slow
+def test_compare_puts_run_directories_side_by_side(
+    run_dir: tuple[Path, subprocess.CompletedProcess[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, _ = run_dir
+    target = tmp_path / "results.md"
+    assert main(["compare", str(out), str(out), "--out", str(target)]) == 0
+    printed = capsys.readouterr().out
+    with open(out / "summary.csv", newline="") as fh:
+        spg = next(r for r in csv.DictReader(fh) if r["method"] == "spg")
+    cell = f"{float(spg['acc_mean']) * 100:.1f} ± 0.0"
+    assert printed.count(cell) == 2  # the same run directory, twice
+    written = target.read_text()
+    assert printed in written and "python -m benchmarks compare" in written
