@@ -219,3 +219,30 @@ def test_multihead_model_without_task_labels_uses_one_head() -> None:
     for value in plugin.importance.values():
         assert torch.isfinite(value).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_new_api_benchmark_with_two_element_batches() -> None:
+    """Avalanche's newer benchmarks yield ``[x, y]`` batches and experiences without task
+    labels: the plugin treats them as one task."""
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from helpers import TensorDigits, digits_tensors
+
+    x, y = digits_tensors()
+    benchmark = class_incremental_benchmark(
+        {
+            "train": as_classification_dataset(TensorDigits(x[:500], y[:500])),
+            "test": as_classification_dataset(TensorDigits(x[500:700], y[500:700])),
+        },
+        num_experiences=2,
+    )
+    assert len(benchmark.train_stream[0].dataset[0]) == 2
+    model = PlainMLP(hidden=16)
+    plugin = SPGPlugin()
+    strategy = make_naive(model, [plugin])
+    for experience in benchmark.train_stream:
+        strategy.train(experience)
+    assert plugin.seen_tasks == [0]
+    assert set(plugin.importance) == {n for n, _ in model.named_parameters()}
+    for value in plugin.importance.values():
+        assert torch.isfinite(value).all() and float(value.max()) < 1.0
