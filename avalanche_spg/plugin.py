@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -342,6 +343,14 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
     # ------------------------------------------------------------------ internals
     def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
         model = unwrap_model(strategy.model)
+        # The pass runs in train mode (dropout active, as in the paper); normalisation layers
+        # would update their running statistics there, so they are put back afterwards.
+        with _normalisation_buffers_preserved(model):
+            return self._run_importance_pass(strategy, model, current)
+
+    def _run_importance_pass(
+        self, strategy: Any, model: nn.Module, current: list[int]
+    ) -> dict[str, Tensor]:
         features, heads = self.split_parameters(model)
         # The experience's own training data (not strategy.dataloader, which replay plugins
         # extend), with the training transforms, in a fixed order.
@@ -422,6 +431,25 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             head_scale=self._head_scale,
             clip_head_norm=self.clip_head_grad_norm,
         )
+
+
+@contextmanager
+def _normalisation_buffers_preserved(model: nn.Module) -> Iterator[None]:
+    """Restore the buffers (running mean/var, batch counters) of normalisation layers on exit."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    saved = [
+        (buffer, buffer.detach().clone())
+        for module in model.modules()
+        if isinstance(module, _NormBase)
+        for buffer in module.buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 class _SubsetWithCollate(torch.utils.data.Dataset):

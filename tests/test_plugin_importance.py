@@ -260,14 +260,6 @@ def test_pass_leaves_the_parameters_unchanged(digits_til_small: Any, method: str
             assert torch.equal(after[key], before[key]), key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QUESTIONABLE: avalanche_spg/importance_pass.py runs the pass in train mode without "
-    "protecting batch-norm buffers, so every pass updates running_mean/running_var/"
-    "num_batches_tracked of BatchNorm layers (k+1 extra passes with method='reference'): the "
-    "evaluated and checkpointed model is not the trained one. Snapshot and restore _BatchNorm "
-    "buffers around the pass.",
-)
 @pytest.mark.parametrize("method", ["reference", "fast"])
 def test_pass_leaves_batch_norm_statistics_unchanged(digits_til_small: Any, method: str) -> None:
     for before, after in _state_around_the_pass(digits_til_small, method):
