@@ -42,12 +42,13 @@ def _copying_snapshots() -> Iterator[None]:
         SynapticIntelligencePlugin.__dict__["extract_weights"],
         SynapticIntelligencePlugin.__dict__["extract_grad"],
     )
-    SynapticIntelligencePlugin.extract_weights = staticmethod(_extract_weights)  # type: ignore[method-assign]
-    SynapticIntelligencePlugin.extract_grad = staticmethod(_extract_grad)  # type: ignore[method-assign]
+    setattr(SynapticIntelligencePlugin, "extract_weights", staticmethod(_extract_weights))  # noqa: B010
+    setattr(SynapticIntelligencePlugin, "extract_grad", staticmethod(_extract_grad))  # noqa: B010
     try:
         yield
     finally:
-        SynapticIntelligencePlugin.extract_weights, SynapticIntelligencePlugin.extract_grad = saved  # type: ignore[method-assign]
+        setattr(SynapticIntelligencePlugin, "extract_weights", saved[0])  # noqa: B010
+        setattr(SynapticIntelligencePlugin, "extract_grad", saved[1])  # noqa: B010
 
 
 class CopyingSynapticIntelligence(SynapticIntelligencePlugin):

@@ -235,11 +235,11 @@ def _load_tinyimagenet(root: Path, download: bool, size: int = 32) -> tuple[Tens
         ds = TinyImagenet(root=base, train=train, download=download)
         images = np.empty((len(ds.data), size, size, 3), dtype=np.uint8)
         for i, path in enumerate(ds.data):
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.Resampling.BILINEAR)
-                images[i] = np.asarray(img)
+            with Image.open(path) as opened:
+                rgb = opened.convert("RGB")
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            images[i] = np.asarray(rgb)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         out += [_normalise(x, "tinyimagenet"), torch.as_tensor(ds.targets, dtype=torch.int64)]
     return tuple(out)

@@ -238,7 +238,9 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
             continue
         ax.plot(range(1, len(curve) + 1), [c * 100 for c in curve], marker="o", ms=3, label=method)
     ax.set_xlabel("tasks learned")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean accuracy on tasks seen so far (%)")
     ax.set_title(f"ACC after each task — {title}")
     ax.grid(alpha=0.3)
