@@ -227,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'"
     )
-    output.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    output.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: 1 for the quick protocol on CPU, whose small models "
+        "run fastest single-threaded, especially on a shared machine; else torch's default)",
+    )
     output.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     output.add_argument(
         "--avalanche-loaders",
@@ -393,9 +398,11 @@ def run_command(args: argparse.Namespace, command: str) -> int:
         from benchmarks.data import build_stream
         from benchmarks.runner import RunSpec, run_one
 
+        device = _resolve_device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = _resolve_device(args.device)
+        elif args.protocol == "quick" and device == "cpu":
+            torch.set_num_threads(1)
         protocol = protocol_settings(
             args.protocol,
             source=BENCHMARKS[args.benchmark].source,
