@@ -15,14 +15,15 @@ si             ``SynapticIntelligencePlugin``: ``si_lambda=100``, ``eps=0.001`` 
                turns SI into Naive; see :mod:`benchmarks._si`)
 mas            ``MASPlugin``: ``lambda_reg=1.0``, ``alpha=0.5`` (Aljundi et al., 2018)
 lwf            ``LwFPlugin``: ``alpha=1.0``, ``temperature=2.0`` (Li & Hoiem, 2017)
-packnet        ``PackNetPlugin`` on ``PackNetModel``: ``post_prune_epochs=1``, every task keeps
-               an equal share of the free weights (prune ``(T-t-1)/(T-t)`` after task ``t``)
-               (Mallya & Lazebnik, 2018); needs ``--epochs`` >= 2
+packnet        ``PackNetPlugin`` on a ``PackNetModel`` of the feature extractor (the task heads
+               stay plain, see :mod:`benchmarks._packnet`): ``post_prune_epochs=1``, every
+               task keeps an equal share of the free weights (prune ``(T-t-1)/(T-t)`` after
+               task ``t``) (Mallya & Lazebnik, 2018); needs the quick protocol, ``--epochs`` >= 2
 replay         ``ReplayPlugin``: ``mem_size`` 100 samples for the digits, 500 otherwise
                (experience-balanced buffer, a replay minibatch as large as the current one)
 spg+replay     both plugins (SPG's importance uses only the current experience's data)
-joint          ``JointTraining``: one model trained on all tasks at once, evaluated per task
-               (multitask upper bound; it has an ACC but no BWT)
+joint          ``JointTraining``: one model trained for the same epochs on the union of all
+               tasks, evaluated per task (multitask upper bound; it has an ACC but no BWT)
 =============  ===============================================================================
 
 The regularisation strengths (EWC, SI, MAS) were chosen by order of magnitude (EWC 1e2/1e3/1e4,
