@@ -27,9 +27,13 @@ heads. Two implementations give the same result:
     (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the stacked
     cotangents), falling back to the loop if an operation has no batching rule.
 
-With no dropout the two methods agree up to float rounding (bit for bit when the fast pass uses
-the reference batch size and the input's memory format is kept). With dropout they differ only
-in which random masks each head sees (here all heads share one).
+With no dropout the two methods agree up to float rounding, and bit for bit (on CPU) when the
+fast pass uses the reference batch size (the CPU default for a reference batch of 64) and the
+loop of per-head backward passes. Rounding differences come from summing the gradients in
+another order; a gradient sum with heavy cancellation amplifies them (measured: about 1e-6 on
+digits, up to 1e-3 for a first convolution fed zero-mean Gaussian noise with a batch of 256
+instead of 64). With dropout the two methods differ in which random masks each head sees
+(here all heads share one).
 
 Safety nets of the fast path: if the model has no single ``MultiHeadClassifier``, if a feature
 parameter lives inside it, or if the model's output is not the classifier's output on the
@@ -68,10 +72,10 @@ ImportanceMethod = Literal["fast", "reference"]
 #: plugin sums them across ranks here).
 GradReducer = Callable[[list[Tensor]], None]
 
-#: Default number of samples per minibatch of the fast pass, per device type. On CPU larger
-#: batches do not make a convolution's backward cheaper per sample (measured, see
-#: ``benchmarks/results/perf.md``), while staying close to the reference batch keeps the
-#: rounding closest to the reference loop's; on a GPU larger batches amortise kernel launches.
+#: Default number of samples per minibatch of the fast pass, per device type. On CPU a larger
+#: batch saves little per sample (measured: 128 instead of 64 about 10 % on the AlexNet-like
+#: CNN) while the reference batch size keeps the result bit for bit the reference loop's; on a
+#: GPU larger batches amortise kernel launches and Python overhead.
 _TARGET_PASS_BATCH = {"cpu": 64, "cuda": 512}
 #: With ``vectorize_heads``, at most this many cotangent rows (heads x samples) per batched
 #: backward call, which bounds the memory of the batched activation gradients.
@@ -150,13 +154,11 @@ class _Batches:
         weights: Tensor,
         device: torch.device,
         default_task: int,
-        channels_last: bool,
     ) -> None:
         self.loader = loader
         self.weights = weights.to(device)  # moved once, not per batch
         self.device = device
         self.default_task = default_task
-        self.channels_last = channels_last
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, list[int]]]:
         """``(x, y, task labels, weights, sorted distinct task labels)`` per minibatch."""
@@ -166,8 +168,6 @@ class _Batches:
             # The distinct tasks are read on the host, before the transfer: no device sync.
             tasks = torch.unique(t.cpu()).tolist()
             x = x.to(self.device)
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(self.device)
             t = t.to(self.device)
             w = self.weights[start : start + len(y)]
@@ -191,7 +191,6 @@ def compute_gamma(
     grad_reducer: GradReducer | None = None,
     num_workers: int = 0,
     vectorize_heads: bool = False,
-    channels_last: bool | None = None,
 ) -> dict[str, Tensor]:
     """Compute ``gamma`` (max over heads of ``|tanh(standardise(G))|``) for one experience.
 
@@ -221,11 +220,8 @@ def compute_gamma(
     :param num_workers: DataLoader workers for the pass.
     :param vectorize_heads: fast pass only: run the per-head backward passes as one batched
         (``vmap``) call per minibatch instead of a loop. Same result up to rounding; measured
-        slower on CPU (the default there), untested for speed on GPU. Falls back to the loop if
-        the model uses an operation without a batching rule.
-    :param channels_last: fast pass only: feed 4-D inputs in channels-last memory format, which
-        makes CPU convolutions markedly cheaper (same values up to rounding). ``None``
-        (default): on CPU only.
+        slower than the loop on CPU, not yet measured on GPU (hence off by default). Falls
+        back to the loop if the model uses an operation without a batching rule.
     :return: ``{name: gamma}`` for every feature parameter, float32, shaped like the parameter.
     """
     if reference_batch_size < 1:
@@ -249,11 +245,8 @@ def compute_gamma(
     positions = list(range(n_total)) if indices is None else [int(i) for i in indices]
     if method == "reference":
         batch_size = reference_batch_size
-        channels_last = False
     else:
         batch_size = pass_batch_size or default_pass_batch_size(reference_batch_size, device)
-        if channels_last is None:
-            channels_last = device.type == "cpu"
     subset = Subset(dataset, positions)
     loader = DataLoader(
         subset,
@@ -267,7 +260,6 @@ def compute_gamma(
         reference_sample_weights(positions, reference_batch_size, n_total),
         device,
         default_task,
-        bool(channels_last),
     )
 
     sums = [
