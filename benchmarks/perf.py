@@ -413,7 +413,7 @@ def measure_importance_pass(
                 )
                 max_diff[variant] = max(max_diff[variant], diff)
         epoch = _median(times["epoch"])
-        row = {
+        row: dict[str, Any] = {
             "model": name,
             "k": k,
             "heads": k + 1,
