@@ -11,6 +11,7 @@ Where things happen:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -131,16 +132,32 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
     ) -> None:
         super().__init__()
         if heads is not None and not callable(heads):
-            if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
+            if (
+                isinstance(heads, (str, bytes))
+                or not isinstance(heads, Sequence)
+                or not all(isinstance(h, str) for h in heads)
+            ):
                 raise ValueError(
                     "heads must be None, a sequence of module names or a callable "
                     f"(name, param) -> bool; got {heads!r}"
                 )
-        if clip_head_grad_norm is not None and not clip_head_grad_norm > 0:
+        if clip_head_grad_norm is not None and (
+            isinstance(clip_head_grad_norm, bool)
+            or not isinstance(clip_head_grad_norm, (int, float))
+            or not math.isfinite(clip_head_grad_norm)
+            or clip_head_grad_norm <= 0
+        ):
             raise ValueError(
-                "clip_head_grad_norm must be a positive number or None, got "
+                "clip_head_grad_norm must be a positive finite number or None, got "
                 f"{clip_head_grad_norm!r}"
             )
+        for flag_name, flag in (
+            ("reset_optimizer_state", reset_optimizer_state),
+            ("warn_optimizer", warn_optimizer),
+            ("class_incremental", class_incremental),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{flag_name} must be True or False, got {flag!r}")
         if importance_method not in ("fast", "reference"):
             raise ValueError(
                 f"importance_method must be 'fast' or 'reference', got {importance_method!r}"
@@ -183,6 +200,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self._masks: MaskSet | None = None
         self._head_scale = 1.0
         self._warned_optimizer = False
+        self._warned_unknown = False
         self._iterations_this_exp = 0
         self._updates_this_exp = 0
 
@@ -195,7 +213,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         DDP) for the feature parameters only (with ``class_incremental=True`` also the
         classifier's, row by row); shapes equal the parameters' shapes.
         """
-        return dict(self._importance)
+        return {name: value.detach().clone() for name, value in self._importance.items()}
 
     @property
     def head_scale(self) -> float:
@@ -276,6 +294,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 "(MER, LaMAML) call optimizer.step() themselves and never fire before_update, "
                 "so SPG's gradient masks would silently do nothing."
             )
+        # Validate the head selection now rather than after the first experience has trained.
+        self.split_parameters(strategy.model)
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Fix ``1 - A`` and the head scale for this experience, on the parameters' device."""
@@ -397,10 +417,23 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         )
 
     def _build_masks(self, model: nn.Module) -> MaskSet | None:
-        if not self._importance:
-            self._head_scale = 1.0
-            return None  # first experience: nothing is masked
         features, heads = self.split_parameters(model)
+        if not self._importance:
+            # First experience: nothing is masked (A = 0, s = 1); the reference still clips
+            # head gradients on every task, so the clip alone stays active.
+            self._head_scale = 1.0
+            if self.clip_head_grad_norm is None or self.class_incremental or not heads:
+                return None
+            return MaskSet([], [], list(heads.values()), 1.0, self.clip_head_grad_norm)
+        unknown = sorted(set(self._importance) - set(features) - set(heads))
+        if unknown and not self._warned_unknown:
+            self._warned_unknown = True
+            warnings.warn(
+                "SPGPlugin: importance holds entries for parameters that are not trainable "
+                f"feature parameters of this model ({len(unknown)}, e.g. {unknown[:5]}); they "
+                "are kept (and count in the head scale) but mask nothing.",
+                stacklevel=2,
+            )
         if self.class_incremental:
             # Classifier rows carry their own importance: masked elementwise like features.
             features, heads = {**features, **heads}, {}

@@ -207,12 +207,6 @@ def test_bad_head_selector_raises_value_error_naming_it(digits_til_small: Any) -
         strategy.train(digits_til_small.train_stream[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: avalanche_spg/plugin.py _build_masks returns early while importance is empty, "
-    "so split_parameters (which validates `heads`) first runs in after_training_exp: a bad "
-    "module name is reported only after the whole first experience has trained",
-)
 def test_bad_head_selector_fails_before_any_training_step(digits_til_small: Any) -> None:
     """Fail early (conventions): a wrong module name must not cost a whole experience."""
     model = make_mlp()

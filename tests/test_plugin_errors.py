@@ -55,23 +55,11 @@ def test_invalid_constructor_arguments_raise_value_error_naming_the_value(
     assert re.search(re.escape(shown), message), message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: avalanche_spg/plugin.py SPGPlugin.__init__ compares `clip_head_grad_norm > 0` "
-    "before checking the type, so a string raises TypeError ('>' not supported) instead of a "
-    "ValueError naming it",
-)
 def test_non_numeric_clip_norm_raises_value_error() -> None:
     with pytest.raises(ValueError, match="'big'"):
         SPGPlugin(clip_head_grad_norm="big")  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: avalanche_spg/plugin.py SPGPlugin.__init__ iterates `heads` without checking it "
-    "is iterable, so heads=42 raises TypeError ('int' object is not iterable) instead of a "
-    "ValueError naming it",
-)
 def test_non_iterable_heads_raises_value_error() -> None:
     with pytest.raises(ValueError, match="42"):
         SPGPlugin(heads=42)  # type: ignore[arg-type]
