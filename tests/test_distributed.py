@@ -40,6 +40,8 @@ from avalanche_spg import SPGPlugin
 from avalanche_spg.checkpoint import find_plugin, maybe_load_checkpoint, save_checkpoint
 from avalanche_spg.distributed import (
     DistributedSupportPlugin,
+    add_distributed_support,
+    broadcast_from_main,
     check_parameters_synchronized,
     cleanup_distributed,
     init_distributed,
@@ -262,6 +264,18 @@ def _worker_main(rank: int, out_dir: str, port: int) -> None:
             check_parameters_synchronized(fresh.model)
         except RuntimeError as error:
             result["failures"].append(f"after resuming: {error}")
+
+        # The cross-rank check does see a difference of one element by 1e-6.
+        probe = make_mlp((8,), seed=0)
+        if setup.rank == 1:
+            with torch.no_grad():
+                probe.features[1].bias[0] += 1e-6
+        try:
+            check_parameters_synchronized(probe)
+            result["probe_error"] = ""
+        except RuntimeError as error:
+            result["probe_error"] = str(error)
+        result["broadcast"] = broadcast_from_main(f"from rank {setup.rank}")
         cleanup_distributed()
     except BaseException:
         result["failures"].append(traceback.format_exc())
@@ -450,6 +464,15 @@ def test_checkpoint_saved_unwrapped_loads_in_a_single_process(run: SimpleNamespa
     assert _max_diff(find_plugin(strategy, SPGPlugin).importance, run.ranks[0]["importance"]) == 0.0
 
 
+def test_parameter_check_detects_a_difference_and_broadcast_uses_rank_zero(
+    run: SimpleNamespace,
+) -> None:
+    for result in run.ranks:
+        assert "features.1.bias" in result["probe_error"]
+        assert "features.1.weight" not in result["probe_error"]
+        assert result["broadcast"] == "from rank 0"
+
+
 # ------------------------------------------------------------------ single-process behaviour
 def test_helpers_are_no_ops_without_a_process_group() -> None:
     setup = init_distributed(seed=0, use_cuda=False)
@@ -460,7 +483,16 @@ def test_helpers_are_no_ops_without_a_process_group() -> None:
     strategy = SimpleNamespace(model=model)
     plugin.before_training_exp(strategy)
     assert strategy.model is model
+    assert broadcast_from_main("value") == "value"
     cleanup_distributed()
+
+
+def test_add_distributed_support_appends_the_plugin_once() -> None:
+    strategy = make_naive(make_mlp((8,)), [SPGPlugin()])
+    plugin = add_distributed_support(strategy)
+    assert isinstance(plugin, DistributedSupportPlugin)
+    assert add_distributed_support(strategy) is plugin
+    assert sum(isinstance(p, DistributedSupportPlugin) for p in strategy.plugins) == 1
 
 
 def test_per_rank_batch_size_splits_the_global_batch() -> None:
