@@ -411,7 +411,6 @@ def run_command(args: argparse.Namespace, command: str) -> int:
             batch_size=args.batch_size,
             eval_batch_size=args.eval_batch_size,
         )
-        source = BENCHMARKS[args.benchmark].source
         streams: dict[int, Any] = {}
         try:
             for number, (seed, method) in enumerate(pending, 1):
@@ -432,7 +431,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                     method=method,
                     seed=seed,
                     protocol=protocol,
-                    hparams=method_hparams(method, source, settings["hparam_overrides"]),
+                    hparams=method_hparams(method, args.benchmark, settings["hparam_overrides"]),
                     device=device,
                     checkpoint=not args.no_checkpoint,
                     progress=not (args.no_progress or args.quiet),
@@ -506,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "packnet prunes at a fixed epoch, which early stopping may never reach: use it "
                 "with --protocol quick"
             )
-        source = BENCHMARKS[args.benchmark].source
-        post = method_hparams("packnet", source, settings["hparam_overrides"])["post_prune_epochs"]
+        overrides = settings["hparam_overrides"]
+        post = method_hparams("packnet", args.benchmark, overrides)["post_prune_epochs"]
         if settings["epochs"] <= post:
             parser.error(
                 f"packnet fine-tunes for {post} epoch(s) after pruning, so it needs --epochs >= "

@@ -79,11 +79,14 @@ def test_methods_parsing() -> None:
 
 def test_hparam_overrides_reach_the_method() -> None:
     overrides = parse_hparams(["ewc.ewc_lambda=5", "spg.spg_mask='update'", "replay.mem_size=7"])
-    assert method_hparams("ewc", "fmnist", overrides) == {"ewc_lambda": 5}
-    assert method_hparams("spg", "fmnist", overrides) == {"spg_mask": "update"}
-    assert method_hparams("replay", "fmnist", overrides) == {"mem_size": 7}
-    assert method_hparams("replay", "digits") == {"mem_size": 100}
-    assert method_hparams("ewc", "digits") == {"ewc_lambda": 100.0}
+    assert method_hparams("ewc", "split-fmnist", overrides) == {"ewc_lambda": 5}
+    assert method_hparams("spg", "split-fmnist", overrides) == {"spg_mask": "update"}
+    assert method_hparams("replay", "split-fmnist", overrides) == {"mem_size": 7}
+    assert method_hparams("replay", "split-digits") == {"mem_size": 100}
+    assert method_hparams("replay", "perm-fmnist") == {"mem_size": 500}
+    assert method_hparams("ewc", "split-digits") == {"ewc_lambda": 100.0}
+    assert method_hparams("ewc", "split-fmnist") == {"ewc_lambda": 10000.0}
+    assert method_hparams("ewc", "perm-fmnist") == {"ewc_lambda": 100.0}
 
 
 def test_settings_change_the_default_run_directory() -> None:
