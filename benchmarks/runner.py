@@ -95,6 +95,21 @@ def _find_spg(strategy: Any) -> Any:
     return None
 
 
+def _capacity(spg: Any) -> dict[str, float]:
+    """How much of the feature extractor SPG protects: mean importance, the share of
+    parameters above 0.5 and 0.9, and the head-gradient scale ``1 - mean(A)``."""
+    importance = list(spg.importance.values())
+    total = sum(v.numel() for v in importance)
+    if total == 0:
+        return {"mean": 0.0, "above_0.5": 0.0, "above_0.9": 0.0, "head_scale": 1.0}
+    return {
+        "mean": float(sum(float(v.double().sum()) for v in importance) / total),
+        "above_0.5": float(sum(int((v > 0.5).sum()) for v in importance) / total),
+        "above_0.9": float(sum(int((v > 0.9).sum()) for v in importance) / total),
+        "head_scale": float(spg.head_scale),
+    }
+
+
 def _environment() -> dict[str, Any]:
     import avalanche
 
@@ -176,6 +191,7 @@ def run_one(
     rows: list[list[float]] = []
     train_seconds: list[float] = []
     importance_seconds: list[float] = []
+    capacity: list[dict[str, float]] = []
     eval_seconds: list[float] = []
     start = 0
     joint = spec.method == "joint"
@@ -192,6 +208,7 @@ def run_one(
         rows = saved["rows"][:start]
         train_seconds = saved["train_seconds"][:start]
         importance_seconds = saved["importance_seconds"][:start]
+        capacity = saved.get("spg_capacity", [])[:start]
         eval_seconds = saved["eval_seconds"][:start]
         for plugin in strategy.plugins:
             if isinstance(plugin, TensorDataPlugin):
@@ -208,6 +225,8 @@ def run_one(
         spg = _find_spg(strategy)
         train_seconds.append(t_train)
         importance_seconds.append(float(spg.last_importance_seconds) if spg else 0.0)
+        if spg is not None:
+            capacity.append(_capacity(spg))
         eval_seconds.append(t_eval)
 
     if joint:
@@ -241,6 +260,7 @@ def run_one(
                         "rows": rows,
                         "train_seconds": train_seconds,
                         "importance_seconds": importance_seconds,
+                        "spg_capacity": capacity,
                         "eval_seconds": eval_seconds,
                     },
                 )
@@ -271,6 +291,8 @@ def run_one(
         "command": command,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if capacity:
+        result["spg_capacity_per_task"] = capacity
     if plateau is not None:
         result["epochs_per_task"] = [h["epochs"] for h in plateau.history]
         result["schedule"] = plateau.history

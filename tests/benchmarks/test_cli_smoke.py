@@ -93,6 +93,12 @@ def test_result_files_hold_a_consistent_accuracy_matrix(
     spg = json.loads((out / "runs/spg/seed0/result.json").read_text())
     naive = json.loads((out / "runs/naive/seed0/result.json").read_text())
     assert spg["importance_seconds"] > 0 and naive["importance_seconds"] == 0
+    # SPG's protected share is recorded after every task; importance only ever grows.
+    means = [c["mean"] for c in spg["spg_capacity_per_task"]]
+    assert len(means) == 5 and all(0 < m < 1 for m in means)
+    assert means == sorted(means)
+    assert spg["spg_capacity_per_task"][-1]["head_scale"] == pytest.approx(1 - means[-1], abs=1e-4)
+    assert "spg_capacity_per_task" not in naive
     with open(out / "results.csv", newline="") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh)}
     assert float(rows["spg"]["acc"]) == pytest.approx(spg["acc"])
