@@ -127,9 +127,10 @@ class MaskSet:
             data = [p.detach() for p in params]
             # lerp is exact at both ends: factor 0 gives `before` bit for bit (a fully important
             # parameter does not move) and factor 1 gives the optimizer's result unchanged.
-            torch._foreach_lerp_(
-                self._snapshots[:n_features], data[:n_features], self.feature_factors
-            )
+            if n_features:
+                torch._foreach_lerp_(
+                    self._snapshots[:n_features], data[:n_features], self.feature_factors
+                )
             if len(data) > n_features:
                 torch._foreach_lerp_(
                     self._snapshots[n_features:], data[n_features:], self.head_scale
