@@ -73,10 +73,16 @@ def save_checkpoint(
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
+    from avalanche_spg.plugin import unwrap_model
+
     target = Path(fname)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(handle)
+    # Save the plain module: a pickled DistributedDataParallel only loads where a process group
+    # exists, so a checkpoint written under torchrun could not be resumed in one process.
+    wrapped = strategy.model
+    strategy.model = unwrap_model(wrapped)
     try:
         with optim_submodules_visible():
             avalanche_save(strategy, tmp_name, exclude=exclude)
@@ -85,6 +91,8 @@ def save_checkpoint(
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+    finally:
+        strategy.model = wrapped
 
 
 def maybe_load_checkpoint(

@@ -95,8 +95,9 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         float rounding when the model has no dropout) or ``"reference"`` (the straightforward
         per-head loop of the paper).
     :param importance_batch_size: the reference minibatch size whose per-batch mean losses are
-        summed (Section 3.1 sums over the task's minibatches). ``None``: the strategy's
-        ``train_mb_size``.
+        summed (Section 3.1 sums over the task's minibatches). ``None``: the training minibatch,
+        i.e. the strategy's ``train_mb_size`` times the number of processes under DDP (each
+        optimizer step averages ``train_mb_size`` samples from every rank).
     :param importance_pass_batch_size: minibatch size used by the fast pass (``None``: a
         multiple of the reference size near 512). Does not change the result.
     :param importance_max_samples: estimate importance on the first N samples of a random
@@ -382,6 +383,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             dataset = _SubsetWithCollate(
                 dataset, sorted(chosen[: self.importance_max_samples].tolist())
             )
+        # Under DDP each optimizer step averages train_mb_size samples from every process.
+        reference_batch = self.importance_batch_size or strategy.train_mb_size * _world_size()
         if self.class_incremental:
             return compute_gamma_class_incremental(
                 model,
@@ -391,7 +394,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 strategy.experience.classes_in_this_experience,
                 self._class_groups,
                 device=strategy.device,
-                batch_size=self.importance_batch_size or strategy.train_mb_size,
+                batch_size=reference_batch,
                 num_workers=self.num_workers,
             )
         total = len(dataset)
@@ -407,7 +410,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             current,
             self._seen_tasks,
             device=strategy.device,
-            reference_batch_size=self.importance_batch_size or strategy.train_mb_size,
+            reference_batch_size=reference_batch,
             method=self.importance_method,
             pass_batch_size=self.importance_pass_batch_size,
             indices=indices,
@@ -510,6 +513,13 @@ def _approximate_masking_reason(optimizer: torch.optim.Optimizer) -> str | None:
                 return f"uses weight decay ({group['weight_decay']})"
         return None
     return f"is {type(optimizer).__name__} (adaptive or stateful, not plain SGD)"
+
+
+def _world_size() -> int:
+    """Processes in the torch.distributed process group (1 when there is none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _distributed_shard(total: int) -> tuple[list[int], Callable[[list[Tensor]], None]] | None:
