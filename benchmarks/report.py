@@ -325,6 +325,8 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
         label += f", {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
         if settings.get("epochs") and config.get("protocol") == "quick":
             label += f", {settings['epochs']} ep."
+        if settings.get("max_train_per_task"):
+            label += f", ≤{settings['max_train_per_task']} train/task"
         columns.append((label, rows))
         methods += [m for m in rows if m not in methods]
     header = "| method | " + " | ".join(f"{label}: ACC | BWT" for label, _ in columns) + " |"
