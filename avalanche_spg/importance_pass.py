@@ -28,17 +28,18 @@ heads. Two implementations give the same result:
     cotangents), falling back to the loop if an operation has no batching rule.
 
 With no dropout the two methods agree up to float rounding, and bit for bit (on CPU) when the
-fast pass uses the reference batch size (the CPU default for a reference batch of 64) and the
-loop of per-head backward passes. Rounding differences come from summing the gradients in
-another order; a gradient sum with heavy cancellation amplifies them (measured: about 1e-6 on
-digits, up to 1e-3 for a first convolution fed zero-mean Gaussian noise with a batch of 256
-instead of 64). With dropout the two methods differ in which random masks each head sees
-(here all heads share one).
+fast pass uses the reference batch size and the loop of per-head backward passes. Rounding
+differences come from summing the gradients in another order, and a gradient sum with heavy
+cancellation amplifies them (measured: about 1e-6 on digit images; 1e-5 and more for an
+untrained CNN fed zero-mean Gaussian noise, whose first-layer sums cancel almost entirely).
+With dropout the two methods differ in which random masks each head sees (here all heads share
+one).
 
 Safety nets of the fast path: if the model has no single ``MultiHeadClassifier``, if a feature
 parameter lives inside it, or if the model's output is not the classifier's output on the
 captured features (a model that post-processes its logits), the fast pass runs one shared-batch
-forward per head instead (still larger minibatches and feature-only gradients).
+forward per head instead (still larger minibatches and feature-only gradients). That is also
+what it does with a single head (the first task), where there is no forward to share.
 
 Summed gradients are accumulated in float32 (float64 for a float64 model), whatever the model's
 dtype; ``gamma`` is float32.
@@ -72,11 +73,12 @@ ImportanceMethod = Literal["fast", "reference"]
 #: plugin sums them across ranks here).
 GradReducer = Callable[[list[Tensor]], None]
 
-#: Default number of samples per minibatch of the fast pass, per device type. On CPU a larger
-#: batch saves little per sample (measured: 128 instead of 64 about 10 % on the AlexNet-like
-#: CNN) while the reference batch size keeps the result bit for bit the reference loop's; on a
-#: GPU larger batches amortise kernel launches and Python overhead.
-_TARGET_PASS_BATCH = {"cpu": 64, "cuda": 512}
+#: Default number of samples per minibatch of the fast pass, per device type. Measured on CPU
+#: after task 9 (pass time, reference batch 64): the AlexNet-like CNN is fastest at 128 (64:
+#: 10 % slower, 256 and 512: 25-30 % slower, its activations outgrow the caches), the MLP
+#: gains up to 512 (128: 1.3x faster than 64). On a GPU larger batches amortise kernel
+#: launches and Python overhead.
+_TARGET_PASS_BATCH = {"cpu": 128, "cuda": 512}
 #: With ``vectorize_heads``, at most this many cotangent rows (heads x samples) per batched
 #: backward call, which bounds the memory of the batched activation gradients.
 _MAX_BATCHED_ROWS = 4096
@@ -110,7 +112,7 @@ def reference_sample_weights(positions: Sequence[int], batch_size: int, total: i
 
 def default_pass_batch_size(reference_batch_size: int, device: torch.device | str) -> int:
     """The fast pass's default minibatch size: a multiple of the reference size near a
-    per-device target (64 samples on CPU, 512 on a GPU)."""
+    per-device target (128 samples on CPU, 512 on a GPU)."""
     target = _TARGET_PASS_BATCH.get(torch.device(device).type, 512)
     return reference_batch_size * max(1, target // reference_batch_size)
 
@@ -388,7 +390,8 @@ def _fast_loop(
     multitask: bool,
     vectorize_heads: bool,
 ) -> None:
-    classifier = find_multihead_classifier(model) if multitask else None
+    # With a single head there is no forward to share: the plain loop has less overhead.
+    classifier = find_multihead_classifier(model) if multitask and len(heads) > 1 else None
     if classifier is not None:
         inside = {id(p) for p in classifier.parameters()}
         if any(id(p) in inside for p in params):

@@ -160,7 +160,7 @@ def test_fast_equals_reference_loop(kind: str, pass_batch_size: int) -> None:
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
 def test_fast_at_the_reference_batch_size_is_bit_for_bit_the_loop(kind: str) -> None:
     """Same minibatches, same kernels: only the forward sharing differs, which changes no
-    arithmetic (the CPU default for a reference batch of 64)."""
+    arithmetic."""
     model, stream = _setup(kind)
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     reference = _gamma(model, dataset, [3], [0, 1, 2], method="reference")
@@ -349,9 +349,9 @@ def test_pass_leaves_no_gradients_and_restores_flags() -> None:
 
 
 def test_default_pass_batch_size_is_a_multiple_of_the_reference() -> None:
-    assert default_pass_batch_size(64, "cpu") == 64
-    assert default_pass_batch_size(16, "cpu") == 64
-    assert default_pass_batch_size(100, "cpu") == 100
+    assert default_pass_batch_size(64, "cpu") == 128
+    assert default_pass_batch_size(48, "cpu") == 96
+    assert default_pass_batch_size(200, "cpu") == 200
     assert default_pass_batch_size(64, "cuda") == 512
     assert default_pass_batch_size(48, torch.device("cuda", 0)) == 480
     with pytest.raises(ValueError, match="pass_batch_size"):
