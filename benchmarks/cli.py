@@ -171,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="training protocol (see below)",
     )
     what.add_argument(
+        "--scenario",
+        choices=("task", "class"),
+        default="task",
+        help="task: one head per task, task label given at test time; class: global labels, "
+        "no task label, one growing IncrementalClassifier head, SPG with "
+        "class_incremental=True (methods: naive, ewc, lwf, replay, spg, spg+replay, joint)",
+    )
+    what.add_argument(
         "--hparam",
         action="append",
         default=[],
@@ -308,7 +316,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     )
     info = BENCHMARKS[args.benchmark]
     hparam_overrides = parse_hparams(args.hparam)
-    return {
+    settings = {
         "benchmark": args.benchmark,
         "protocol": args.protocol,
         "n_tasks": info.n_tasks,
@@ -321,6 +329,12 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "hparam_overrides": hparam_overrides,
         "backbone": backbone_description(args.protocol, info.source),
     }
+    if getattr(args, "scenario", "task") == "class":
+        # Only present for the class scenario, so task-incremental settings (and their run
+        # directories' hashes) are unchanged.
+        settings["scenario"] = "class"
+        settings["backbone"] += ", one IncrementalClassifier head"
+    return settings
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -412,6 +426,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
             eval_batch_size=args.eval_batch_size,
         )
         streams: dict[int, Any] = {}
+        class_scenario = settings.get("scenario") == "class"
         try:
             for number, (seed, method) in enumerate(pending, 1):
                 if seed not in streams:
@@ -425,17 +440,25 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                         validation_fraction=protocol.validation_fraction,
                         download=not args.no_download,
                     )
+                    if class_scenario:
+                        from benchmarks._class_incremental import to_class_incremental
+
+                        streams[seed] = to_class_incremental(streams[seed])
                 log(f"--- run {number}/{len(pending)}: {method}, seed {seed}")
+                hparams = method_hparams(method, args.benchmark, settings["hparam_overrides"])
+                if class_scenario and method.startswith("spg"):
+                    hparams["spg_class_incremental"] = True
                 spec = RunSpec(
                     benchmark=args.benchmark,
                     method=method,
                     seed=seed,
                     protocol=protocol,
-                    hparams=method_hparams(method, args.benchmark, settings["hparam_overrides"]),
+                    hparams=hparams,
                     device=device,
                     checkpoint=not args.no_checkpoint,
                     progress=not (args.no_progress or args.quiet),
                     tensor_data=not args.avalanche_loaders,
+                    scenario="class" if class_scenario else "task",
                 )
                 result = run_one(spec, streams[seed], out, log=log, command=command)
                 bwt = result["bwt"]
@@ -499,6 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve_settings(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.scenario == "class":
+        from benchmarks._class_incremental import check_class_methods
+
+        try:
+            check_class_methods(args.methods)
+        except ValueError as err:
+            parser.error(str(err))
     if "packnet" in args.methods:
         if args.protocol == "paper":
             parser.error(

@@ -139,8 +139,14 @@ def markdown_table(run_dir: Path) -> str:
         details.append(f"at most {settings['max_train_per_task']} training samples per task")
     if settings.get("train_fraction"):
         details.append(f"{settings['train_fraction']:g} of each task's training data")
+    scenario = (
+        "Class-incremental (no task label at test time; global labels, one growing head)"
+        if settings.get("scenario") == "class"
+        else "Task-incremental (task label given at test time)"
+    )
     lines.append(
-        "Task-incremental (task label given at test time); "
+        scenario
+        + "; "
         + ", ".join(details)
         + ". Mean ± std over seeds (sample std); accuracies in %. ACC: mean final accuracy "
         "over tasks; BWT: mean change of a task's accuracy from right after learning it to the "

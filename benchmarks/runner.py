@@ -54,6 +54,8 @@ class RunSpec:
     progress: bool = True
     #: Slice minibatches from the tensors (fast) instead of Avalanche's per-sample loaders.
     tensor_data: bool = True
+    #: ``"task"`` (task label given) or ``"class"`` (see :mod:`benchmarks._class_incremental`).
+    scenario: str = "task"
 
 
 def seed_everything(seed: int) -> None:
@@ -84,6 +86,14 @@ def _accuracy_row(evaluator: Any, n_tasks: int) -> list[float]:
     if any(v is None for v in row):
         raise RuntimeError(f"the evaluation did not report every task's accuracy: {row}")
     return [float(v) for v in row]  # type: ignore[arg-type]
+
+
+def _tensor_plugin(stream: TaskStream, class_incremental: bool) -> TensorDataPlugin:
+    if class_incremental:
+        from benchmarks._class_incremental import ClassTensorDataPlugin
+
+        return ClassTensorDataPlugin(*_tensor_parts(stream))
+    return TensorDataPlugin(*_tensor_parts(stream))
 
 
 def _find_spg(strategy: Any) -> Any:
@@ -148,7 +158,16 @@ def run_one(
     n_tasks = stream.n_tasks
     label = f"{spec.method} seed {spec.seed}"
 
-    model = make_backbone(protocol.name, spec.benchmark, stream.input_shape, stream.max_classes)
+    class_incremental = spec.scenario == "class"
+    model: torch.nn.Module
+    if class_incremental:
+        from benchmarks._class_incremental import make_class_backbone
+
+        model = make_class_backbone(
+            protocol.name, spec.benchmark, stream.input_shape, stream.max_classes
+        )
+    else:
+        model = make_backbone(protocol.name, spec.benchmark, stream.input_shape, stream.max_classes)
     first_plugins: list[Any] = []
     if protocol.plateau:
         validation = {
@@ -181,12 +200,17 @@ def run_one(
         source=stream.description["source"],
         first_plugins=first_plugins,
         last_plugins=[
-            *([TensorDataPlugin(*_tensor_parts(stream))] if spec.tensor_data else []),
+            *([_tensor_plugin(stream, class_incremental)] if spec.tensor_data else []),
             ProgressPlugin(label, n_tasks, spec.progress),
         ],
     )
     strategy = build_strategy(spec.method, ctx, spec.hparams)
-    benchmark = make_benchmark(stream)
+    if class_incremental:
+        from benchmarks._class_incremental import make_class_benchmark
+
+        benchmark = make_class_benchmark(stream)
+    else:
+        benchmark = make_benchmark(stream)
 
     rows: list[list[float]] = []
     train_seconds: list[float] = []
@@ -293,6 +317,9 @@ def run_one(
     }
     if capacity:
         result["spg_capacity_per_task"] = capacity
+    if class_incremental:
+        result["scenario"] = "class"
+        result["head_units"] = int(model.classifier.classifier.out_features)  # type: ignore[union-attr,arg-type]
     if plateau is not None:
         result["epochs_per_task"] = [h["epochs"] for h in plateau.history]
         result["schedule"] = plateau.history
