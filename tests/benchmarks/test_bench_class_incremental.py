@@ -1,0 +1,95 @@
+"""``--scenario class``: global labels, task label 0 everywhere, one growing head, SPG in its
+class-incremental mode; end to end on split-digits (1 epoch, naive and spg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks._class_incremental import (
+    SingleHeadNet,
+    check_class_methods,
+    make_class_backbone,
+    make_class_benchmark,
+    to_class_incremental,
+)
+from benchmarks.cli import main
+from benchmarks.data import build_stream
+
+
+def test_class_stream_keeps_global_labels_and_task_label_zero() -> None:
+    stream = to_class_incremental(build_stream("split-digits", seed=0))
+    for task in stream.tasks:
+        assert sorted(set(task.y_train.tolist())) == sorted(task.classes)
+        assert sorted(set(task.y_test.tolist())) == sorted(task.classes)
+    all_classes = sorted(c for task in stream.tasks for c in task.classes)
+    assert all_classes == list(range(10))
+    benchmark = make_class_benchmark(stream)
+    for exp in benchmark.train_stream:
+        assert exp.task_labels == [0]
+        assert sorted(exp.classes_in_this_experience) == sorted(
+            stream.tasks[exp.current_experience].classes
+        )
+
+
+def test_class_backbone_is_single_incremental_head() -> None:
+    from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+
+    model = make_class_backbone("quick", "split-digits", (1, 8, 8), 2)
+    assert isinstance(model, SingleHeadNet)
+    heads = [m for m in model.modules() if isinstance(m, IncrementalClassifier)]
+    assert len(heads) == 1
+    assert not any(isinstance(m, MultiHeadClassifier) for m in model.modules())
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 2)
+
+
+def test_class_scenario_rejects_methods_that_need_task_labels() -> None:
+    with pytest.raises(ValueError, match="packnet"):
+        check_class_methods(["naive", "packnet"])
+    check_class_methods(["naive", "ewc", "lwf", "replay", "spg", "spg+replay", "joint"])
+    with pytest.raises(SystemExit):
+        main(["--scenario", "class", "--methods", "packnet", "--out", "/nonexistent/x"])
+
+
+@pytest.mark.slow
+def test_class_scenario_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [
+        "--benchmark",
+        "split-digits",
+        "--scenario",
+        "class",
+        "--methods",
+        "naive,spg",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-plots",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["scenario"] == "class"
+    assert "Class-incremental" in (out / "table.md").read_text()
+    for method in ("naive", "spg"):
+        result = json.loads((out / "runs" / method / "seed0" / "result.json").read_text())
+        assert result["scenario"] == "class"
+        # One head, grown from the first experience's 2 classes to all 10.
+        assert result["head_units"] == 10
+        # MLP 64-64-64 plus a single 64 -> 10 head (no per-task heads).
+        assert result["n_parameters"] == (64 * 64 + 64) * 2 + 64 * 10 + 10
+        matrix = result["matrix"]
+        assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
+        assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+    spg = json.loads((out / "runs" / "spg" / "seed0" / "result.json").read_text())
+    assert spg["hparams"].get("spg_class_incremental") is True
+    assert len(spg["spg_capacity_per_task"]) == 5
