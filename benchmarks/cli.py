@@ -77,6 +77,12 @@ examples:
   python -m benchmarks --benchmark split-fmnist --methods naive,ewc,spg --seeds 0 1 2 --epochs 5
   python -m benchmarks --benchmark perm-fmnist --max-train-per-task 10000 --methods all
   python -m benchmarks --benchmark c10 --protocol paper --data-root ~/data --device cuda
+
+distributed (data-parallel, one node): launch the same command with torchrun, e.g.
+  torchrun --nproc_per_node=2 -m benchmarks --benchmark split-fmnist --methods spg
+  Every process trains every run on batch-size/N samples of each minibatch (gloo on CPU, nccl
+  with one GPU per process); only rank 0 writes the run directory and prints. Same global
+  batch and learning rate as one process (only the shuffling order differs).
 """
 
 
@@ -385,14 +391,44 @@ def _resolve_device(name: str) -> str:
     return name
 
 
+def _init_processes(device: str) -> Any:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on GPU)."""
+    import torch
+
+    from avalanche_spg.distributed import init_distributed
+
+    if device == "auto":
+        use_cuda = torch.cuda.is_available()
+    else:
+        use_cuda = device.startswith("cuda")
+    return init_distributed(seed=0, use_cuda=use_cuda)
+
+
 def run_command(args: argparse.Namespace, command: str) -> int:
-    """Run every (seed, method) that has no result yet, then write and print the report."""
+    """Run every (seed, method) that has no result yet, then write and print the report.
+
+    Under ``torchrun --nproc_per_node=N -m benchmarks ...`` every process trains every run
+    data-parallel (each takes ``batch_size / N`` samples of every minibatch) and only rank 0
+    writes the run directory and prints.
+    """
+    from avalanche_spg.distributed import broadcast_from_main, cleanup_distributed
+
+    setup = _init_processes(args.device)
     settings = resolve_settings(args)
     out = args.out or Path("runs") / (f"{args.benchmark}-{args.protocol}-{settings_hash(settings)}")
-    _prepare_run_dir(out, settings, args.methods, args.seeds, command)
+    error = None
+    if setup.is_main:
+        try:
+            _prepare_run_dir(out, settings, args.methods, args.seeds, command)
+        except SystemExit as exit_:
+            error = exit_.code
+    error = broadcast_from_main(error)
+    if error is not None:
+        cleanup_distributed()
+        raise SystemExit(error)
 
     def log(message: str) -> None:
-        if not args.quiet:
+        if not args.quiet and setup.is_main:
             print(message, flush=True)
 
     pending = [
@@ -401,6 +437,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
         for method in args.methods
         if not run_paths(out, method, seed)["result"].is_file()
     ]
+    pending = broadcast_from_main(pending)  # rank 0's files decide
     done = len(args.seeds) * len(args.methods) - len(pending)
     log(
         f"{args.benchmark} ({args.protocol}): {len(pending)} run(s) to do, {done} already "
@@ -409,10 +446,13 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     if pending:
         import torch
 
+        from avalanche_spg.distributed import main_process_first
         from benchmarks.data import build_stream
         from benchmarks.runner import RunSpec, run_one
 
-        device = _resolve_device(args.device)
+        device = str(setup.device) if setup.distributed else _resolve_device(args.device)
+        if setup.distributed:
+            log(f"{setup.world_size} processes ({setup.backend}); rank 0 on {device}")
         if args.threads:
             torch.set_num_threads(args.threads)
         elif args.protocol == "quick" and device == "cpu":
@@ -431,15 +471,16 @@ def run_command(args: argparse.Namespace, command: str) -> int:
             for number, (seed, method) in enumerate(pending, 1):
                 if seed not in streams:
                     streams.clear()  # one seed's stream in memory at a time
-                    streams[seed] = build_stream(
-                        args.benchmark,
-                        seed,
-                        args.data_root,
-                        max_train_per_task=args.max_train_per_task,
-                        train_fraction=args.train_fraction,
-                        validation_fraction=protocol.validation_fraction,
-                        download=not args.no_download,
-                    )
+                    with main_process_first():  # rank 0 unpacks / downloads first
+                        streams[seed] = build_stream(
+                            args.benchmark,
+                            seed,
+                            args.data_root,
+                            max_train_per_task=args.max_train_per_task,
+                            train_fraction=args.train_fraction,
+                            validation_fraction=protocol.validation_fraction,
+                            download=not args.no_download,
+                        )
                     if class_scenario:
                         from benchmarks._class_incremental import to_class_incremental
 
@@ -456,9 +497,10 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                     hparams=hparams,
                     device=device,
                     checkpoint=not args.no_checkpoint,
-                    progress=not (args.no_progress or args.quiet),
+                    progress=not (args.no_progress or args.quiet) and setup.is_main,
                     tensor_data=not args.avalanche_loaders,
                     scenario="class" if class_scenario else "task",
+                    world_size=setup.world_size,
                 )
                 result = run_one(spec, streams[seed], out, log=log, command=command)
                 bwt = result["bwt"]
@@ -473,10 +515,12 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                 file=sys.stderr,
             )
             return 130
-    from benchmarks.report import write_report
+    if setup.is_main:
+        from benchmarks.report import write_report
 
-    table = write_report(out, plots=not args.no_plots)
-    print(table)
+        table = write_report(out, plots=not args.no_plots)
+        print(table)
+    cleanup_distributed()
     return 0
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 __all__ = ["PlateauEarlyStopping", "ProgressPlugin", "TensorBatches", "TensorDataPlugin"]
 
 
-class PlateauEarlyStopping(SupervisedPlugin):
+class PlateauEarlyStopping(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """The SPG paper's per-task schedule: plateau lr decay, early stop, best-weight restore.
 
     At the start of every experience the optimizer gets its initial learning rate back and
@@ -108,8 +108,12 @@ class PlateauEarlyStopping(SupervisedPlugin):
 
     def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Validation loss → lr schedule, best weights, early stop."""
+        from avalanche_spg.distributed import broadcast_from_main
+
         self._epochs += 1
-        loss = self.validation_loss(strategy)
+        # Rank 0's loss on every rank: the schedule and the stop must be identical everywhere
+        # (a rank that stops alone would leave the others waiting in the next all-reduce).
+        loss = broadcast_from_main(self.validation_loss(strategy))
         improved = loss < self._best_loss
         if improved:
             self._best_loss = loss
@@ -166,7 +170,7 @@ class PlateauEarlyStopping(SupervisedPlugin):
         return total / max(count, 1)
 
 
-class ProgressPlugin(SupervisedPlugin):
+class ProgressPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """A tqdm bar per experience (the iterations of all its epochs, with the epoch and the
     loss). tqdm shows it only on a terminal; the runner prints one line per finished task."""
 
@@ -229,28 +233,55 @@ class TensorBatches:
     """
 
     def __init__(
-        self, x: Tensor, y: Tensor, task_labels: Tensor, batch_size: int, shuffle: bool
+        self,
+        x: Tensor,
+        y: Tensor,
+        task_labels: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.x, self.y, self.t = x, y, task_labels
         self.batch_size = batch_size
         self.shuffle = shuffle
+        # Data-parallel training: every rank uses rank 0's permutation and takes
+        # samples rank, rank + world_size, ... of each global minibatch of
+        # batch_size * world_size; a last global batch too small to give every rank a sample
+        # is dropped (all ranks must run the same number of steps).
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
+        step = self.batch_size * self.world_size
+        n = len(self.y)
+        if self.world_size > 1 and n % step and n % step < self.world_size:
+            return n // step
+        return (n + step - 1) // step
 
     def __iter__(self) -> Any:
         n = len(self.y)
-        order = torch.randperm(n) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                idx = slice(start, start + self.batch_size)
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        if self.world_size > 1 and self.shuffle:
+            from avalanche_spg.distributed import broadcast_from_main
+
+            # Rank 0's order: the RNG streams of the ranks can drift apart (dropout in a pass
+            # over shards of unequal size), and the shards must partition every batch.
+            order = broadcast_from_main(order)
+        step = self.batch_size * self.world_size
+        for start in range(0, n, step):
+            if self.world_size == 1 and not self.shuffle:
+                idx = slice(start, start + step)
                 yield [self.x[idx], self.y[idx], self.t[idx]]
-            else:
-                chosen = order[start : start + self.batch_size]
-                yield [self.x[chosen], self.y[chosen], self.t[chosen]]
+                continue
+            chosen = order[start : start + step]
+            if self.world_size > 1:
+                if len(chosen) < self.world_size:
+                    break
+                chosen = chosen[self.rank :: self.world_size]
+            yield [self.x[chosen], self.y[chosen], self.t[chosen]]
 
 
-class TensorDataPlugin(SupervisedPlugin):
+class TensorDataPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Serve the training and evaluation minibatches from the stream's tensors.
 
     Replaces ``strategy.dataloader`` after Avalanche has built it (``before_training_exp`` /
@@ -297,17 +328,29 @@ class TensorDataPlugin(SupervisedPlugin):
         return isinstance(loader, (MultiDatasetDataLoader, DataLoader))
 
     def _batches(
-        self, parts: dict[int, tuple[Tensor, Tensor]], tasks: list[int], size: int, shuffle: bool
+        self,
+        parts: dict[int, tuple[Tensor, Tensor]],
+        tasks: list[int],
+        size: int,
+        shuffle: bool,
+        shard: bool = False,
     ) -> TensorBatches:
+        import torch.distributed as dist
+
         xs, ys, ts = [], [], []
         for task in tasks:
             x, y = parts[task]
             xs.append(x)
             ys.append(y)
             ts.append(torch.full((len(y),), task, dtype=torch.long))
+        rank, world = 0, 1
+        if shard and dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
         if len(tasks) == 1:
-            return TensorBatches(xs[0], ys[0], ts[0], size, shuffle)
-        return TensorBatches(torch.cat(xs), torch.cat(ys), torch.cat(ts), size, shuffle)
+            return TensorBatches(xs[0], ys[0], ts[0], size, shuffle, rank, world)
+        return TensorBatches(
+            torch.cat(xs), torch.cat(ys), torch.cat(ts), size, shuffle, rank, world
+        )
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Training batches of the experience's tasks (unless replay replaced the loader)."""
@@ -317,7 +360,9 @@ class TensorDataPlugin(SupervisedPlugin):
         expected = sum(len(self._train[t][1]) for t in tasks)
         if expected != len(strategy.adapted_dataset):
             return  # not the plain experience data: keep Avalanche's loader
-        strategy.dataloader = self._batches(self._train, tasks, strategy.train_mb_size, True)
+        strategy.dataloader = self._batches(
+            self._train, tasks, strategy.train_mb_size, True, shard=True
+        )
 
     def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Evaluation batches of the test experience, in dataset order."""

@@ -56,6 +56,9 @@ class RunSpec:
     tensor_data: bool = True
     #: ``"task"`` (task label given) or ``"class"`` (see :mod:`benchmarks._class_incremental`).
     scenario: str = "task"
+    #: Processes training this run data-parallel (``torchrun``); each takes an equal share of
+    #: every minibatch.
+    world_size: int = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -122,10 +125,14 @@ def _capacity(spg: Any) -> dict[str, float]:
 
 def _environment() -> dict[str, Any]:
     import avalanche
+    import torch.distributed as dist
 
     import avalanche_spg
 
+    distributed = dist.is_available() and dist.is_initialized()
     return {
+        "world_size": dist.get_world_size() if distributed else 1,
+        "backend": dist.get_backend() if distributed else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "avalanche": getattr(avalanche, "__version__", "?"),
@@ -150,9 +157,19 @@ def run_one(
     from avalanche.training.plugins import EvaluationPlugin
 
     from avalanche_spg.checkpoint import maybe_load_checkpoint, save_checkpoint
+    from avalanche_spg.distributed import (
+        DistributedSupportPlugin,
+        add_distributed_support,
+        broadcast_from_main,
+        is_main_process,
+        per_rank_batch_size,
+        unwrapped_model,
+    )
 
+    main = is_main_process()  # only rank 0 writes files
     paths = run_paths(out, spec.method, spec.seed)
-    paths["dir"].mkdir(parents=True, exist_ok=True)
+    if main:
+        paths["dir"].mkdir(parents=True, exist_ok=True)
     seed_everything(spec.seed)
     protocol = spec.protocol
     n_tasks = stream.n_tasks
@@ -191,7 +208,7 @@ def run_one(
     ctx = StrategyContext(
         model=model,
         make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr),
-        train_mb_size=protocol.batch_size,
+        train_mb_size=per_rank_batch_size(protocol.batch_size, spec.world_size),
         train_epochs=protocol.epochs,
         eval_mb_size=protocol.eval_batch_size,
         device=spec.device,
@@ -202,6 +219,9 @@ def run_one(
         last_plugins=[
             *([_tensor_plugin(stream, class_incremental)] if spec.tensor_data else []),
             ProgressPlugin(label, n_tasks, spec.progress),
+            # DDP wrap / re-wrap and whole-stream evaluation under torchrun; a no-op in one
+            # process (kept so that every checkpoint carries it).
+            DistributedSupportPlugin(),
         ],
     )
     strategy = build_strategy(spec.method, ctx, spec.hparams)
@@ -219,10 +239,12 @@ def run_one(
     eval_seconds: list[float] = []
     start = 0
     joint = spec.method == "joint"
-    if spec.checkpoint and not joint and paths["checkpoint"].is_file():
+    resume = broadcast_from_main(spec.checkpoint and not joint and paths["checkpoint"].is_file())
+    if resume:
         strategy, start = maybe_load_checkpoint(
             strategy, paths["checkpoint"], map_location=spec.device
         )
+        add_distributed_support(strategy)
         saved = read_json(paths["progress"]) if paths["progress"].is_file() else {}
         if len(saved.get("rows", [])) < start:
             raise RuntimeError(
@@ -242,7 +264,7 @@ def run_one(
 
             restore_packnet_hooks(strategy.model)
         log(f"[{label}] resumed after task {start}/{n_tasks} from {paths['checkpoint']}")
-    elif paths["progress"].is_file():
+    elif main and paths["progress"].is_file():
         paths["progress"].unlink()  # stale progress without a checkpoint: start over
 
     def record(t_train: float, t_eval: float) -> None:
@@ -277,7 +299,7 @@ def run_one(
                 f"{rows[-1][index]:.4f}, mean on seen tasks {np.mean(seen):.4f} "
                 f"(train {t_train:.1f}s, eval {eval_seconds[-1]:.1f}s)"
             )
-            if spec.checkpoint and index + 1 < n_tasks:
+            if spec.checkpoint and index + 1 < n_tasks and main:
                 write_json(
                     paths["progress"],
                     {
@@ -288,7 +310,9 @@ def run_one(
                         "eval_seconds": eval_seconds,
                     },
                 )
-                save_checkpoint(strategy, paths["checkpoint"])
+                # Without the DDP wrapper: the checkpoint resumes in one process or in N.
+                with unwrapped_model(strategy):
+                    save_checkpoint(strategy, paths["checkpoint"])
 
     plateau = next((p for p in strategy.plugins if isinstance(p, PlateauEarlyStopping)), None)
     summary = summarize_matrix(rows)
@@ -323,8 +347,9 @@ def run_one(
     if plateau is not None:
         result["epochs_per_task"] = [h["epochs"] for h in plateau.history]
         result["schedule"] = plateau.history
-    write_json(paths["result"], result)
-    for name in ("checkpoint", "progress"):
-        if paths[name].is_file():
-            paths[name].unlink()
+    if main:
+        write_json(paths["result"], result)
+        for name in ("checkpoint", "progress"):
+            if paths[name].is_file():
+                paths[name].unlink()
     return result
