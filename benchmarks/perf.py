@@ -64,6 +64,7 @@ class PerfSizes:
     cnn_shape: tuple[int, int, int]
     cnn_hidden: int
     iters_per_round: int
+    warmup: int
     rounds: int
     n_tasks: int
     pass_ks: tuple[int, ...]
@@ -82,8 +83,9 @@ SIZES = {
         mlp_hidden=(256, 256),
         cnn_shape=(3, 32, 32),
         cnn_hidden=2048,
-        iters_per_round=3,
-        rounds=24,
+        iters_per_round=6,
+        warmup=2,
+        rounds=16,
         n_tasks=10,
         pass_ks=(0, 4, 9),
         pass_samples={"mlp": 1024, "alexnet": 256},
@@ -99,7 +101,8 @@ SIZES = {
         mlp_hidden=(16,),
         cnn_shape=(3, 12, 12),
         cnn_hidden=32,
-        iters_per_round=2,
+        iters_per_round=3,
+        warmup=1,
         rounds=2,
         n_tasks=3,
         pass_ks=(0, 2),
@@ -134,6 +137,20 @@ def _now() -> float:
 
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def _bootstrap_median_interval(
+    values: Sequence[float], resamples: int = 2000, level: float = 0.95
+) -> tuple[float, float]:
+    """A percentile-bootstrap confidence interval of the median (fixed seed)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    data = torch.tensor(list(values), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(data), (resamples, len(data)), generator=generator)
+    medians = data[picks].median(dim=1).values
+    tail = (1.0 - level) / 2
+    return float(medians.quantile(tail)), float(medians.quantile(1.0 - tail))
 
 
 class _TensorDataset(torch.utils.data.Dataset):
@@ -233,6 +250,8 @@ def _probe_class() -> type:
             self.device = device
             self.events = set(events)
             self.stamps: dict[str, list[float]] = {e: [] for e in events}
+            self.faults: list[int] = []  # minor page faults per training iteration
+            self._faults_at = 0
 
         def _stamp(self, event: str) -> None:
             if event in self.events:
@@ -240,10 +259,12 @@ def _probe_class() -> type:
                 self.stamps[event].append(_now())
 
         def before_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self._faults_at = _minor_faults()
             self._stamp("before_training_iteration")
 
         def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             self._stamp("after_training_iteration")
+            self.faults.append(_minor_faults() - self._faults_at)
 
         def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             self._stamp("before_update")
@@ -305,8 +326,24 @@ def _adapt_heads(model: nn.Module, stream: Any, upto: int, device: torch.device)
 
 
 # -------------------------------------------------------------------- (a) training iteration
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` does not exist)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def measure_iteration(name: str, sizes: PerfSizes, device: torch.device) -> dict[str, Any]:
-    """Per-iteration time of Naive vs Naive + SPGPlugin on the second experience."""
+    """Per-iteration time of Naive vs Naive + SPGPlugin on the second experience.
+
+    Every round trains one epoch of ``iters_per_round`` iterations with each strategy (ABBA
+    order). Its first ``warmup`` iterations are reported apart ("experience start"): at the
+    start of an experience SPG has just run the importance pass and built its factors, and on
+    CPU the C allocator then returns and re-faults memory for some iterations (counted as
+    minor page faults) before it settles; the rest is the steady state.
+    """
     from avalanche_spg import SPGPlugin
 
     probe_cls = _probe_class()
@@ -332,9 +369,13 @@ def measure_iteration(name: str, sizes: PerfSizes, device: torch.device) -> dict
             "probe": probe,
             "pre": pre,
             "post": post,
-            "rounds": [],
+            "steady": [],
+            "start": [],
+            "faults_steady": [],
+            "faults_start": [],
             "mask": [],
         }
+    warmup = sizes.warmup
     order = ["naive", "spg"]
     for round_index in range(sizes.rounds + 1):  # round 0 warms up and is dropped
         for variant in order if round_index % 2 == 0 else order[::-1]:
@@ -342,35 +383,50 @@ def measure_iteration(name: str, sizes: PerfSizes, device: torch.device) -> dict
             for probe in (info["probe"], info["pre"], info["post"]):
                 for stamps in probe.stamps.values():
                     stamps.clear()
+            info["probe"].faults = []
             info["strategy"].train(stream[1])
             if round_index == 0:
                 continue
             begin = info["probe"].stamps["before_training_iteration"]
             end = info["probe"].stamps["after_training_iteration"]
-            # the first iteration of a round pays for loader start-up: dropped
-            info["rounds"].append(_median([b - a for a, b in zip(begin[1:], end[1:])]))
+            times = [b - a for a, b in zip(begin, end)]
+            faults = info["probe"].faults
+            info["start"].append(_median(times[:warmup]))
+            info["steady"].append(_median(times[warmup:]))
+            info["faults_start"].append(_median(faults[:warmup]))
+            info["faults_steady"].append(_median(faults[warmup:]))
             pre = info["pre"].stamps["before_update"]
             post = info["post"].stamps["before_update"]
-            info["mask"].extend(b - a for a, b in zip(pre[1:], post[1:]))
-    naive_rounds, spg_rounds = variants["naive"]["rounds"], variants["spg"]["rounds"]
-    ratios = [s / n for s, n in zip(spg_rounds, naive_rounds)]
-    naive_iter = _median(naive_rounds)
-    spg_mask = _median(variants["spg"]["mask"])
-    naive_probe_gap = _median(variants["naive"]["mask"])
-    model = variants["naive"]["strategy"].model
+            info["mask"].extend(b - a for a, b in zip(pre[warmup:], post[warmup:]))
+    naive, spg = variants["naive"], variants["spg"]
+    ratios = [s / n for s, n in zip(spg["steady"], naive["steady"])]
+    start_ratios = [s / n for s, n in zip(spg["start"], naive["start"])]
+    low, high = _bootstrap_median_interval(ratios)
+    naive_iter = _median(naive["steady"])
+    spg_mask = _median(spg["mask"])
+    naive_probe_gap = _median(naive["mask"])
+    model = naive["strategy"].model
     return {
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),
         "naive_ms": naive_iter * 1e3,
-        "spg_ms": _median(spg_rounds) * 1e3,
+        "spg_ms": _median(spg["steady"]) * 1e3,
         "ratio": _median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "ratio_ci_low": low,
+        "ratio_ci_high": high,
+        "start_ratio": _median(start_ratios),
+        "naive_faults": _median(naive["faults_steady"]),
+        "spg_faults": _median(spg["faults_steady"]),
+        "naive_faults_start": _median(naive["faults_start"]),
+        "spg_faults_start": _median(spg["faults_start"]),
         "mask_ms": spg_mask * 1e3,
         "probe_ms": naive_probe_gap * 1e3,
         "mask_fraction": (spg_mask - naive_probe_gap) / naive_iter,
         "rounds": len(ratios),
-        "iterations": sizes.iters_per_round - 1,
+        "iterations": sizes.iters_per_round - warmup,
+        "warmup": warmup,
     }
 
 
@@ -664,8 +720,8 @@ def _targets(results: dict[str, Any], device: torch.device) -> list[str]:
             (
                 "whole SPG iteration, AlexNet-like (end to end)",
                 f"<= {100 * limit:g} % over Naive",
-                f"{100 * (r['ratio'] - 1):+.1f} % (rounds {100 * (r['ratio_min'] - 1):+.1f} "
-                f"to {100 * (r['ratio_max'] - 1):+.1f} %)",
+                f"{100 * (r['ratio'] - 1):+.1f} % (95 % interval "
+                f"{100 * (r['ratio_ci_low'] - 1):+.1f} to {100 * (r['ratio_ci_high'] - 1):+.1f} %)",
                 r["ratio"] - 1 <= limit,
             )
         )
@@ -720,7 +776,12 @@ def _targets(results: dict[str, Any], device: torch.device) -> list[str]:
 
 
 def render(
-    results: dict[str, Any], command: str, device: torch.device, profile: str, clock: str
+    results: dict[str, Any],
+    command: str,
+    device: torch.device,
+    profile: str,
+    clock: str,
+    allocator: str = "default",
 ) -> str:
     """The Markdown report."""
     lines = [
@@ -729,7 +790,13 @@ def render(
         f"Produced by `{command}` on {datetime.date.today().isoformat()}, device `{device}`,"
         f" profile `{profile}`.",
         f"Machine: {_machine(device)}.",
-        f"Clock: {'process CPU time' if clock == 'cpu' else 'wall time'}.",
+        f"Clock: {'process CPU time' if clock == 'cpu' else 'wall time'}. C allocator: "
+        + (
+            "glibc thresholds fixed for every variant (`--malloc steady`: mmap above 32 MiB, "
+            "trim above 1 GiB; see below)."
+            if allocator == "steady"
+            else f"{allocator}."
+        ),
         "",
         "Absolute times come from a shared machine and are noise; the ratios are measured within",
         "one run with the compared variants interleaved and repeated (medians). With one torch",
@@ -743,26 +810,69 @@ def render(
         lines += [
             "## (a) Training iteration, Naive vs Naive + SPGPlugin (masks active)",
             "",
-            "| model | parameters | Naive ms/iter | SPG ms/iter | SPG / Naive (range) "
-            "| SPG `before_update` ms | mask step / Naive iteration |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| model | parameters | Naive ms/iter | SPG ms/iter | SPG / Naive "
+            "| 95 % interval | rounds range | SPG `before_update` ms "
+            "| mask step / Naive iteration |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results["iteration"]:
             lines.append(
                 f"| {r['model']} | {r['params']:,} | {r['naive_ms']:.2f} | {r['spg_ms']:.2f} "
-                f"| {r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) "
+                f"| {r['ratio']:.3f} | {r['ratio_ci_low']:.3f}-{r['ratio_ci_high']:.3f} "
+                f"| {r['ratio_min']:.3f}-{r['ratio_max']:.3f} "
                 f"| {r['mask_ms']:.3f} | {100 * r['mask_fraction']:.2f} % |"
             )
         r0 = results["iteration"][0]
         lines += [
             "",
-            f"{r0['rounds']} rounds of {r0['iterations']} timed iterations per strategy, "
-            "alternating (ABBA); SPG / Naive is the median over rounds of the ratio of the "
-            "per-round medians. The mask step is timed in place between probe plugins placed "
-            "just before and after SPGPlugin in `before_update` (minus the same probes' gap "
-            "in the Naive run), relative to the median Naive iteration.",
+            f"Steady state: iterations {r0['warmup'] + 1}-{r0['warmup'] + r0['iterations']} "
+            f"of an epoch, {r0['rounds']} rounds per strategy, alternating (ABBA); SPG / Naive "
+            "is the median over rounds of the ratio of the per-round medians, with a bootstrap "
+            "95 % interval of that median and the range over rounds (on a shared CPU this "
+            "end-to-end figure is noisy). The mask step is timed in place between probe "
+            "plugins placed just before and after SPGPlugin in `before_update` (minus the same "
+            "probes' gap in the Naive run), relative to the median Naive iteration: the precise "
+            "figure of what SPG adds to an iteration (its other per-iteration callbacks only "
+            "count iterations).",
             "",
+            f"Start of an experience (its first {r0['warmup']} iterations) and minor page "
+            "faults per iteration (median):",
+            "",
+            "| model | SPG / Naive, first iterations | faults Naive / SPG, first iterations "
+            "| faults Naive / SPG, steady state |",
+            "|---|---:|---:|---:|",
         ]
+        for r in results["iteration"]:
+            lines.append(
+                f"| {r['model']} | {r['start_ratio']:.3f} "
+                f"| {r['naive_faults_start']:,.0f} / {r['spg_faults_start']:,.0f} "
+                f"| {r['naive_faults']:,.0f} / {r['spg_faults']:,.0f} |"
+            )
+        transient = any(
+            r["spg_faults_start"] > 2 * r["naive_faults_start"] + 100
+            or r["spg_faults"] > 2 * r["naive_faults"] + 100
+            for r in results["iteration"]
+        )
+        lines += [
+            "",
+            "With glibc's default, adaptive malloc thresholds, SPG's importance pass and mask "
+            "build at the start of an experience (tens of MB allocated and freed) leave the "
+            "allocator returning memory to the system and faulting it back in, zeroed, on "
+            "every iteration for a while (tens of MB per iteration for the AlexNet-like CNN, "
+            "see `benchmarks/results/perf-malloc-default.md`): a transient of the experience "
+            "start in a long run, which settles, but it dominates short interleaved rounds "
+            "like these. "
+            + (
+                "This run fixed the thresholds for every variant (`--malloc steady`), so the "
+                "table measures the steady state; `--malloc default` shows the transient."
+                if allocator == "steady"
+                else (
+                    "This run kept the default allocator"
+                    + (", and the fault counts above show the transient." if transient else ".")
+                )
+            ),
+        ]
+        lines.append("")
     if "importance" in results:
         lines += [
             "## (b) Importance pass after task k, vs one training epoch on task k",
@@ -885,6 +995,33 @@ def _subset_notes(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def steady_c_allocator() -> bool:
+    """Fix glibc's malloc thresholds for this process (Linux/glibc only; ``False`` elsewhere).
+
+    glibc adapts its mmap and trim thresholds to the allocation history, so after a burst of
+    large allocations (SPG's importance pass and mask build, a DataLoader start) it may return
+    memory to the system and fault it back in (zeroed pages) on every training iteration for
+    a while. Timings of short runs then measure the allocator's history, not the work. With
+    the thresholds fixed (mmap above 32 MiB, trim above 1 GiB) every variant runs with the
+    steady state a long run reaches anyway.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(
+        mallopt(m_trim_threshold, 1 << 30)
+    )
+
+
 def _log(message: str) -> None:
     print(f"[perf {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -955,6 +1092,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
     parser.add_argument(
+        "--malloc",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady: fix glibc's malloc thresholds for the run (see steady_c_allocator); "
+        "default: leave the C allocator as it is",
+    )
+    parser.add_argument(
         "--no-vectorized", action="store_true", help="skip the vectorised-heads variant in (b)"
     )
     return parser
@@ -985,6 +1129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", message="No loggers specified")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    allocator = "default"
+    if args.malloc == "steady":
+        allocator = "steady" if steady_c_allocator() else "default (no glibc mallopt here)"
     results = collect(sizes, device, parts, models, vectorized=not args.no_vectorized)
     results["meta"] = {
         "command": command,
@@ -992,7 +1139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": profile,
         "clock": clock,
     }
-    text = render(results, command, device, profile, clock)
+    results["meta"]["allocator"] = allocator
+    text = render(results, command, device, profile, clock, allocator)
     print(text)
     out = args.out if args.out is not None else (None if args.tiny else str(DEFAULT_OUT))
     if out and out != "-":

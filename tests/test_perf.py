@@ -76,10 +76,11 @@ def test_importance_max_samples_uses_a_subset(tiny_results: dict) -> None:
 
 def test_command_writes_markdown_with_its_command(tmp_path: Path) -> None:
     out, raw = tmp_path / "perf.md", tmp_path / "perf.json"
-    argv = ["--tiny", "--parts", "memory", "--models", "mlp", "--out", str(out)]
+    argv = ["--tiny", "--parts", "memory", "--models", "mlp", "--malloc", "default"]
+    argv += ["--out", str(out)]
     assert perf.main([*argv, "--json", str(raw)]) == 0
     text = out.read_text()
-    assert "python -m benchmarks.perf --tiny --parts memory --models mlp" in text
+    assert "python -m benchmarks.perf --tiny --parts memory --models mlp --malloc default" in text
     assert "## (c) Memory held by SPGPlugin between experiences" in text
     assert "| mlp | 1 |" in text and raw.exists()
 
