@@ -99,7 +99,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         i.e. the strategy's ``train_mb_size`` times the number of processes under DDP (each
         optimizer step averages ``train_mb_size`` samples from every rank).
     :param importance_pass_batch_size: minibatch size used by the fast pass (``None``: a
-        multiple of the reference size near 512). Does not change the result.
+        size from ``importance_pass.default_pass_batch_size``: about 128 samples on CPU,
+        512 on GPU). Does not change the result.
     :param importance_max_samples: estimate importance on the first N samples of a random
         permutation (fixed seed) of the experience instead of on all of it. ``None`` (default)
         follows the paper: the whole experience.
