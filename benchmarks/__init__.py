@@ -10,5 +10,6 @@ as a user would. Modules:
 * :mod:`benchmarks.protocols` — the ``quick`` and ``paper`` training protocols;
 * :mod:`benchmarks.runner` — one (method, seed) run with checkpoint / resume;
 * :mod:`benchmarks.metrics` — ACC, BWT, forgetting;
-* :mod:`benchmarks.report` — JSON / CSV / Markdown / plots from a run directory.
+* :mod:`benchmarks.report` — JSON / CSV / Markdown / plots from a run directory;
+* :mod:`benchmarks.perf` — what SPG costs against Naive (``python -m benchmarks.perf``).
 """

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._io import read_json, write_json
+from benchmarks._markdown import table
 from benchmarks.metrics import mean_std
 
 __all__ = ["collect_results", "summarize", "write_report", "markdown_table"]
@@ -154,18 +155,29 @@ def markdown_table(run_dir: Path) -> str:
         "per run (training includes the end-of-task passes such as SPG's importance)."
     )
     lines.append("")
-    lines.append(
-        "| method | seeds | ACC (%) | BWT (%) | forgetting (%) | train time (s) "
-        "| importance time (s) |"
+    lines += table(
+        (
+            "method",
+            "seeds",
+            "ACC (%)",
+            "BWT (%)",
+            "forgetting (%)",
+            "train time (s)",
+            "importance time (s)",
+        ),
+        (
+            (
+                row["method"],
+                row["n_runs"],
+                _cell(row, "acc", 100, 2),
+                _cell(row, "bwt", 100, 2),
+                _cell(row, "forgetting", 100, 2),
+                _cell(row, "train_seconds", 1, 1),
+                _cell(row, "importance_seconds", 1, 1),
+            )
+            for row in rows
+        ),
     )
-    lines.append("|---|---|---|---|---|---|---|")
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['n_runs']} | {_cell(row, 'acc', 100, 2)} "
-            f"| {_cell(row, 'bwt', 100, 2)} | {_cell(row, 'forgetting', 100, 2)} "
-            f"| {_cell(row, 'train_seconds', 1, 1)} "
-            f"| {_cell(row, 'importance_seconds', 1, 1)} |"
-        )
     lines.append("")
     plots = run_dir / "plots"
     if (plots / "acc_after_each_task.png").is_file():
@@ -218,12 +230,19 @@ def _write_csvs(run_dir: Path, results: list[dict[str, Any]], summary: dict[str,
 
 def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own with the Agg canvas: no pyplot state, and the process-wide
+        # backend (a notebook's, a GUI's) is left alone.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:  # plots are optional
         return []
+
+    def new_figure(size: tuple[float, float]) -> tuple[Any, Any]:
+        fig = Figure(figsize=size, dpi=110)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots()
+
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     for old in plots.glob("matrix_*.png"):
@@ -232,7 +251,7 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     methods = summary["methods"]
     title = f"{summary['benchmark']} ({summary['protocol']})"
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, ax = new_figure((6.4, 4.2))
     for method, entry in methods.items():
         curve = entry.get("acc_curve_mean")
         if not curve:
@@ -244,8 +263,6 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
             continue
         ax.plot(range(1, len(curve) + 1), [c * 100 for c in curve], marker="o", ms=3, label=method)
     ax.set_xlabel("tasks learned")
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean accuracy on tasks seen so far (%)")
     ax.set_title(f"ACC after each task — {title}")
@@ -254,7 +271,6 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     fig.tight_layout()
     path = plots / "acc_after_each_task.png"
     fig.savefig(path)
-    plt.close(fig)
     written.append(path)
 
     for method, entry in methods.items():
@@ -262,7 +278,7 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
         if not matrix:
             continue
         n_rows, n_cols = len(matrix), len(matrix[0])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_cols, 1.0 + 0.45 * n_rows), dpi=110)
+        fig, ax = new_figure((1.2 + 0.45 * n_cols, 1.0 + 0.45 * n_rows))
         image = ax.imshow(
             [[v * 100 for v in row] for row in matrix], vmin=0, vmax=100, cmap="viridis"
         )
@@ -289,7 +305,6 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
         fig.tight_layout()
         path = plots / f"matrix_{method.replace('+', '_')}.png"
         fig.savefig(path)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -335,15 +350,17 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
             label += f", ≤{settings['max_train_per_task']} train/task"
         columns.append((label, rows))
         methods += [m for m in rows if m not in methods]
-    header = "| method | " + " | ".join(f"{label}: ACC | BWT" for label, _ in columns) + " |"
-    lines = [header, "|---|" + "---|---|" * len(columns)]
+    header = ["method"]
+    for label, _ in columns:
+        header += [f"{label}: ACC", "BWT"]
+    body = []
     for method in methods:
-        cells = []
+        cells = [method]
         for _, rows in columns:
             row = rows.get(method)
             if row is None:
                 cells += ["", ""]
             else:
                 cells += [_cell(row, "acc", 100, 1), _cell(row, "bwt", 100, 1)]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return "\n".join(table(header, body)) + "\n"

@@ -1,4 +1,4 @@
-"""The performance command and the mask step's cost guarantees (issue 4).
+"""The performance command and the mask step's cost guarantees.
 
 * ``python -m benchmarks.perf --tiny`` runs end to end (so the command cannot rot) and its
   non-timing findings hold: the fast pass equals the reference loop, the memory the plugin holds
@@ -12,6 +12,9 @@ No assertion here is about time.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,8 +36,16 @@ def test_tiny_run_reports_every_part(tiny_results: dict) -> None:
     sizes = perf.SIZES["tiny"]
     assert [r["model"] for r in tiny_results["iteration"]] == list(perf.MODELS)
     for row in tiny_results["iteration"]:
-        assert row["naive_ms"] > 0 and row["spg_ms"] > 0 and row["ratio"] > 0
-        assert row["mask_ms"] >= 0
+        # the warm-up round is dropped, every other round is paired (one ratio per round)
+        assert row["rounds"] == sizes.rounds
+        assert row["iterations"] == sizes.iters_per_round - sizes.warmup
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        # timed on the second experience: the model had grown a second head, as large as
+        # the first one
+        model = perf.setup.make_model(row["model"], sizes, dropout=True)
+        (head,) = model.classifier.classifiers.values()
+        head_params = sum(p.numel() for p in head.parameters())
+        assert row["params"] == sum(p.numel() for p in model.parameters()) + head_params
     assert [(r["model"], r["k"]) for r in tiny_results["importance"]] == [
         (m, k) for m in perf.MODELS for k in sizes.pass_ks
     ]
@@ -82,7 +93,31 @@ def test_command_writes_markdown_with_its_command(tmp_path: Path) -> None:
     text = out.read_text()
     assert "python -m benchmarks.perf --tiny --parts memory --models mlp --malloc default" in text
     assert "## (c) Memory held by SPGPlugin between experiences" in text
-    assert "| mlp | 1 |" in text and raw.exists()
+    assert "## Targets on CPU" in text
+    lines = text.splitlines()
+    header = lines.index(
+        "| model | tasks | plugin tensor bytes | model parameter bytes | ratio "
+        "| importance bytes | feature-parameter bytes | refs to model tensors "
+        "| other Python objects (bytes) |"
+    )
+    assert lines[header + 1] == "|---|" + "---:|" * 8
+    assert lines[header + 2].startswith("| mlp | 1 | ")
+    assert lines[header + 3].startswith("| mlp | 3 | ")
+    assert json.loads(raw.read_text())["memory"][0]["tasks"] == 1
+
+
+def test_module_entry_point_parses_the_options() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.perf", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--tiny", "--device", "--threads", "--clock", "--parts", "--models", "--out"):
+        assert option in done.stdout
+    assert "--json" in done.stdout and "--malloc" in done.stdout
 
 
 def test_held_memory_counts_storages_once_and_model_tensors_apart() -> None:

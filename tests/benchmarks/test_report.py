@@ -1,0 +1,98 @@
+"""The report step on a hand-made run directory: the Markdown tables (one table helper for every
+report) and the plots, drawn without touching matplotlib's process-wide backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks._markdown import table
+from benchmarks.report import compare_table, write_report
+
+# Two tasks, two seeds: ACC = mean of the last row, BWT = R[1][0] - R[0][0].
+MATRICES = {0: [[0.9, 0.5], [0.7, 0.8]], 1: [[0.8, 0.5], [0.8, 0.6]]}
+
+
+def _run_dir(root: Path) -> Path:
+    config = {
+        "benchmark": "toy",
+        "protocol": "quick",
+        "methods": ["naive"],
+        "commands": ["python -m benchmarks --benchmark toy"],
+        "settings": {"n_tasks": 2, "epochs": 1, "lr": 0.1, "batch_size": 8},
+    }
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(config))
+    for seed, matrix in MATRICES.items():
+        folder = root / "runs" / "naive" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        result = {
+            "method": "naive",
+            "seed": seed,
+            "matrix": matrix,
+            "acc": sum(matrix[-1]) / 2,
+            "bwt": matrix[1][0] - matrix[0][0],
+            "forgetting": matrix[0][0] - matrix[1][0],
+            "acc_curve": [matrix[0][0], sum(matrix[1]) / 2],
+            "train_seconds": 1.0 + seed,
+            "importance_seconds": 0.0,
+            "eval_seconds": 0.5,
+        }
+        (folder / "result.json").write_text(json.dumps(result))
+    return root
+
+
+def test_markdown_table_lines_and_alignment() -> None:
+    assert table(("a", "b"), [(1, "x"), ("", 2.5)], align="lr") == [
+        "| a | b |",
+        "|---|---:|",
+        "| 1 | x |",
+        "|  | 2.5 |",
+    ]
+    assert table(("a",), [])[1] == "|---|"
+    with pytest.raises(ValueError, match="3 cells for 2 columns"):
+        table(("a", "b"), [(1, 2, 3)])
+    with pytest.raises(ValueError, match="'lc'"):
+        table(("a", "b"), [], align="lc")
+
+
+def test_report_tables_hold_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path / "run")
+    text = write_report(run_dir, plots=False)
+    # ACC per seed: 0.75 and 0.7 -> 72.50 ± 3.54 (sample std 0.05 / sqrt(2)); BWT -0.2 and 0.0.
+    row = "| naive | 2 | 72.50 ± 3.54 | -10.00 ± 14.14 | 10.00 ± 14.14 | 1.5 ± 0.7 | 0.0 ± 0.0 |"
+    lines = text.splitlines()
+    header = lines.index(
+        "| method | seeds | ACC (%) | BWT (%) | forgetting (%) | train time (s) "
+        "| importance time (s) |"
+    )
+    assert lines[header + 1 : header + 3] == ["|---|---|---|---|---|---|---|", row]
+    assert (run_dir / "table.md").read_text() == text
+    summary = json.loads((run_dir / "summary.json").read_text())["methods"]["naive"]
+    for got, expected in zip(summary["matrix_mean"], [[0.85, 0.5], [0.75, 0.7]], strict=True):
+        assert got == pytest.approx(expected)
+    assert compare_table([run_dir]).splitlines() == [
+        "| method | toy, 2 seeds, 1 ep.: ACC | BWT |",
+        "|---|---|---|",
+        "| naive | 72.5 ± 3.5 | -10.0 ± 14.1 |",
+    ]
+
+
+def test_plots_leave_the_process_wide_backend_alone(tmp_path: Path) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # a user's choice, which is not Agg
+    try:
+        run_dir = _run_dir(tmp_path / "run")
+        write_report(run_dir, plots=True)
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    for name in ("acc_after_each_task.png", "matrix_naive.png"):
+        assert (run_dir / "plots" / name).read_bytes().startswith(b"\x89PNG"), name
+    assert (
+        "![ACC after each task](plots/acc_after_each_task.png)"
+        in (run_dir / "table.md").read_text()
+    )
