@@ -16,6 +16,7 @@ ACC but no BWT or forgetting (``None``).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -95,8 +96,4 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
     kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not kept:
         return None, None
-    mean = sum(kept) / len(kept)
-    if len(kept) == 1:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)
-    return mean, math.sqrt(var)
+    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,12 @@ def summarize(results: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
         shape = (len(matrices[0]), len(matrices[0][0]))
         if all((len(m), len(m[0])) == shape for m in matrices):
             entry["matrix_mean"] = [
-                [sum(m[i][j] for m in matrices) / len(matrices) for j in range(shape[1])]
+                [statistics.fmean(m[i][j] for m in matrices) for j in range(shape[1])]
                 for i in range(shape[0])
             ]
         curves = [r["acc_curve"] for r in runs]
         if len({len(c) for c in curves}) == 1:
-            entry["acc_curve_mean"] = [sum(vals) / len(vals) for vals in zip(*curves)]
+            entry["acc_curve_mean"] = [statistics.fmean(vals) for vals in zip(*curves)]
         entry["hparams"] = runs[0].get("hparams", {})
         methods[method] = entry
     return {
