@@ -2,9 +2,10 @@
 
 SPG's plasticity is driven by how much of the feature extractor is already important: a
 parameter with importance ``A`` keeps only ``1 - A`` of its gradient, and the heads learn with
-``1 - mean(A)`` (``spg-algorithm.md`` §2). These metrics make that capacity visible after every
-experience, through Avalanche's :class:`~avalanche.training.plugins.EvaluationPlugin`, so that
-every logger records them (text, TensorBoard, W&B, :class:`ScalarCSVLogger`)::
+``1 - mean(A)`` (paper Section 3.2, Eq. 4-5; ``docs/algorithm.md``). These metrics make that
+capacity visible after every experience, through Avalanche's
+:class:`~avalanche.training.plugins.EvaluationPlugin`, so that every logger records them
+(text, TensorBoard, W&B, :class:`ScalarCSVLogger`)::
 
     from avalanche_spg.metrics import spg_capacity_metrics
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), *spg_capacity_metrics(),
@@ -197,7 +198,7 @@ class ImportanceAboveFraction(_SPGCapacityMetric):
 
 
 class HeadScale(_SPGCapacityMetric):
-    """The head scale ``1 - mean(A)`` (spec §2) that the heads train with next."""
+    """The head scale ``1 - mean(A)`` (paper Eq. 5) that the heads train with next."""
 
     base_name = "SPG/head_scale"
 

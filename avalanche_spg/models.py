@@ -1,6 +1,6 @@
 """Backbones for task-incremental learning: a shared feature extractor plus one head per task.
 
-* :class:`AlexNetLike` — the backbone of the SPG paper's experiments (``spg-algorithm.md`` §4):
+* :class:`AlexNetLike` — the backbone of the SPG paper's experiments (its experimental setup):
   three convolutions and two 2048-unit linear layers, no batch norm, dropout after every ReLU.
 * :class:`MultiHeadMLP` — a small fully connected network for quick CPU runs.
 
