@@ -36,7 +36,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from avalanche_spg.importance import standardized_importance
-from avalanche_spg.importance_pass import preserve_train_flags
+from avalanche_spg.importance_pass import (
+    ModelForward,
+    avalanche_convention,
+    enter_pass_mode,
+    preserved_model_state,
+    split_minibatch,
+)
 
 __all__ = ["compute_gamma_class_incremental", "row_importance"]
 
@@ -55,12 +61,6 @@ def row_importance(grad: Tensor, rows: Sequence[int]) -> Tensor:
     return out
 
 
-def _model_output(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
-    from avalanche.models.utils import avalanche_forward
-
-    return avalanche_forward(model, x, t)
-
-
 def compute_gamma_class_incremental(
     model: nn.Module,
     dataset: Dataset,
@@ -72,11 +72,15 @@ def compute_gamma_class_incremental(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
+    forward: ModelForward | None = None,
 ) -> dict[str, Tensor]:
     """``gamma`` of one class-incremental experience (see the module docstring).
 
-    :param model: the model at the end of the experience (single head; task labels ignored).
-    :param dataset: the experience's training data, yielding ``[x, y, ...]``.
+    :param model: the model at the end of the experience (single head). Left exactly as it
+        was found, and run in train mode as the importance pass does
+        (:mod:`avalanche_spg.importance_pass`).
+    :param dataset: the experience's training data, yielding ``[x, y]`` or
+        ``[x, y, ..., task_labels]``.
     :param feature_params: parameters outside the classifier, by name.
     :param row_params: classifier parameters whose first dimension indexes classes, by name.
     :param current_classes: classes of the experience just trained.
@@ -84,6 +88,8 @@ def compute_gamma_class_incremental(
     :param device: where the passes run.
     :param batch_size: the reference minibatch size (per-minibatch mean losses are summed).
     :param num_workers: DataLoader workers.
+    :param forward: the calling convention, ``forward(model, x, task_labels)`` with one label
+        per sample (``None``: Avalanche's).
     :return: ``{name: gamma}`` for every feature and row parameter, float32.
     """
     if batch_size < 1:
@@ -108,18 +114,19 @@ def compute_gamma_class_incremental(
         old = gamma.get(name)
         gamma[name] = value if old is None else torch.maximum(old, value)
 
-    with preserve_train_flags(model, True), torch.enable_grad():
+    if forward is None:
+        forward = avalanche_convention(model)[0]
+
+    with preserved_model_state(model) as state, torch.enable_grad():
+        enter_pass_mode(model)
         for group in [None, *groups]:  # None: the current loss
             sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
             model.zero_grad(set_to_none=True)
             for batch in loader:
-                x, y = batch[0].to(device), batch[1].to(device)
-                t = (
-                    batch[2].to(device)
-                    if len(batch) > 2 and isinstance(batch[2], Tensor)
-                    else torch.zeros_like(y)
-                )
-                out = _model_output(model, x, t)
+                x, y, t = split_minibatch(batch, 0)
+                x, y, t = x.to(device), y.to(device), t.to(device)
+                state.reset_volatile()
+                out = forward(model, x, t)
                 if group is None:
                     loss = F.cross_entropy(out, y)
                 else:

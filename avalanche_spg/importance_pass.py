@@ -1,22 +1,42 @@
 """The importance pass: per-head summed gradients over an experience, turned into ``gamma``.
 
-Spec (``spg-algorithm.md`` §1, paper Section 3.1): after training experience ``k``, for every head
-``j`` seen so far (the current one last), sum over all minibatches of ``k``'s training data the
-gradient of
+Paper, Section 3.1: after training experience ``k``, for every head ``j`` seen so far (the
+current one last), sum over all minibatches of ``k``'s training data the gradient of
 
 * the ordinary cross-entropy (batch mean) of head ``k`` when ``j`` is the current head, or
 * the sum of all logits of head ``j`` when ``j`` is an older head,
 
 standardise each feature tensor's summed gradient, squash with ``|tanh|`` and take the max over
-heads. Two implementations give the same result:
+heads (see ``docs/algorithm.md`` for the algorithm and its guards).
+
+How the model is called
+    Exactly as the training loop calls it (the *calling convention*, ``forward``): Avalanche
+    calls a multi-task model ``model(x, task_labels)``, positionally, with one task label per
+    sample, and takes a minibatch's task labels from its last element (``[x, y, t]``,
+    ``[x, y, sample_id, t]``; ``[x, y]`` means the current task). The current head sees every
+    sample with its own label, so a model that groups a minibatch by task does so as in
+    training; old head ``j`` sees a label tensor filled with ``j``.
+
+The model's state
+    The pass runs on the model as it is when training ends and leaves it exactly so:
+    parameters, buffers (batch-norm statistics), plain tensor and number attributes of modules
+    (Avalanche's ``BatchRenorm2D`` keeps its statistics there) and every module's train/eval
+    flag are restored afterwards, and every forward of the pass sees them as they were at the
+    start (:class:`ModelState`). The pass runs in train mode (dropout active, as in the paper)
+    with the flags the strategy trained with: a strategy that keeps some modules in eval mode
+    (AR1 freezes its lower layers and their batch renormalisation so) gets the importance of
+    the function it trained. Only a model found *entirely* in eval mode is switched to train
+    mode for the pass.
+
+Two implementations give the same result:
 
 ``"reference"``
-    The straightforward loop of the spec: for every head, one forward and one ``backward()``
-    per minibatch at the reference minibatch size. After task ``k`` that is ``k + 1`` full
-    forward/backward passes over the task's data.
+    The straightforward loop: for every head, one forward and one ``backward()`` per minibatch
+    at the reference minibatch size. After task ``k`` that is ``k + 1`` full forward/backward
+    passes over the task's data.
 ``"fast"``
     One forward of the feature extractor per minibatch, shared by all heads. The classifier's
-    input ``h`` is captured with a forward pre-hook on the model's ``MultiHeadClassifier``; each
+    input ``h`` is captured with a forward pre-hook on the model's multi-head classifier; each
     head's cotangent ``dL_j/dh`` is computed on a detached copy of ``h`` (only the small head
     runs again), and one backward per head from ``h`` reaches the feature parameters only. So
     the pass costs ``1`` forward plus ``k + 1`` feature-extractor backward passes instead of
@@ -27,6 +47,20 @@ heads. Two implementations give the same result:
     (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the stacked
     cotangents), falling back to the loop if an operation has no batching rule.
 
+    When a module uses the statistics of its minibatch in train mode (batch normalisation,
+    batch renormalisation, any module that keeps statistics in plain tensor attributes), the
+    importance depends on which samples share a minibatch. The fast pass then runs at the
+    reference minibatch size whatever ``pass_batch_size`` says, and a minibatch that mixes
+    task labels is not split: its current-head loss comes from one call with the per-sample
+    labels (the model groups it as in training) and the old heads share one call with the
+    whole minibatch, as in the reference.
+
+    The summed gradients of all heads are held at once (``k + 1`` copies of the feature
+    parameters after task ``k``). When they would exceed ``sum_memory_budget`` bytes, the heads
+    are processed in groups that fit, one more forward per minibatch and group; each head's
+    sum is computed by the same operations, so the result is the same bit for bit (without
+    dropout: with it, each group's forward draws its own dropout masks).
+
 With no dropout the two methods agree up to float rounding, and bit for bit (on CPU) when the
 fast pass uses the reference batch size and the loop of per-head backward passes. Rounding
 differences come from summing the gradients in another order, and a gradient sum with heavy
@@ -35,11 +69,14 @@ untrained CNN fed zero-mean Gaussian noise, whose first-layer sums cancel almost
 With dropout the two methods differ in which random masks each head sees (here all heads share
 one).
 
-Safety nets of the fast path: if the model has no single ``MultiHeadClassifier``, if a feature
-parameter lives inside it, or if the model's output is not the classifier's output on the
-captured features (a model that post-processes its logits), the fast pass runs one shared-batch
-forward per head instead (still larger minibatches and feature-only gradients). That is also
-what it does with a single head (the first task), where there is no forward to share.
+Safety nets of the fast path: if there is no classifier to tap, if a feature parameter lives
+inside it, or if the model's output is not the classifier's output on the captured features
+(possibly padded with zero columns, as Avalanche's multi-task forward pads heads to a common
+width; a model that post-processes its logits is not), the fast pass runs one shared-batch
+forward per head instead (still feature-only gradients). That is also what it does with a
+single head (the first task), where there is no forward to share. The tap assumes that only
+the classifier depends on the task label (a model whose feature extractor is task-conditioned
+must be given ``classifier=None``).
 
 Summed gradients are accumulated in float32 (float64 for a float64 model), whatever the model's
 dtype; ``gamma`` is float32.
@@ -54,6 +91,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from avalanche_spg.importance import standardized_importance
@@ -61,17 +99,27 @@ from avalanche_spg.importance import standardized_importance
 __all__ = [
     "ImportanceMethod",
     "GradReducer",
+    "ModelForward",
+    "ModelState",
     "compute_gamma",
+    "avalanche_convention",
     "default_pass_batch_size",
     "reference_sample_weights",
     "find_multihead_classifier",
     "preserve_train_flags",
+    "preserved_model_state",
+    "enter_pass_mode",
+    "split_minibatch",
+    "uses_batch_statistics",
 ]
 
 ImportanceMethod = Literal["fast", "reference"]
 #: Called on each head's summed gradients before standardisation, in place (the distributed
 #: plugin sums them across ranks here).
 GradReducer = Callable[[list[Tensor]], None]
+#: The calling convention: ``forward(model, x, task_labels)`` with one task label per sample,
+#: as the training loop calls the model (Avalanche: ``avalanche_forward``).
+ModelForward = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 #: Default number of samples per minibatch of the fast pass, per device type. Measured on CPU
 #: after task 9 (pass time, reference batch 64): the AlexNet-like CNN is fastest at 128 (64:
@@ -82,8 +130,11 @@ _TARGET_PASS_BATCH = {"cpu": 128, "cuda": 512}
 #: With ``vectorize_heads``, at most this many cotangent rows (heads x samples) per batched
 #: backward call, which bounds the memory of the batched activation gradients.
 _MAX_BATCHED_ROWS = 4096
+#: Default bound on the bytes of the fast pass's per-head summed gradients held at once.
+DEFAULT_SUM_MEMORY_BUDGET = 2 * 1024**3
 
 
+# ----------------------------------------------------------------------------- model state
 @contextmanager
 def preserve_train_flags(model: nn.Module, train: bool = True) -> Iterator[None]:
     """Put ``model`` in train (or eval) mode and restore every module's own flag afterwards."""
@@ -94,6 +145,145 @@ def preserve_train_flags(model: nn.Module, train: bool = True) -> Iterator[None]
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+_Scalar = (bool, int, float, complex, str, type(None))
+
+
+class ModelState:
+    """A snapshot of everything of a model that a forward pass may change, and its restoration.
+
+    Covered: every module's train/eval flag, its buffers (values and the tensor objects
+    themselves), and its plain attributes that are tensors or numbers (batch renormalisation
+    keeps running statistics and its ``r_max``/``d_max`` bounds there). Parameters are not
+    copied (a forward/backward pass does not write them); ``.grad`` is the caller's business.
+    Attributes and buffers a forward adds are removed on :meth:`restore`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._flags = [(module, module.training) for module in model.modules()]
+        self._buffers: list[tuple[nn.Module, dict[str, Tensor | None], list[Tensor]]] = []
+        self._attributes: list[tuple[nn.Module, dict[str, Any], dict[str, Tensor]]] = []
+        #: Modules with plain tensor attributes: state outside ``torch.nn``'s own conventions,
+        #: which a forward may both read and write (reset before every forward of the pass).
+        self.volatile: list[int] = []
+        with torch.no_grad():
+            for module in model.modules():
+                buffers = dict(module._buffers)
+                copies = [b.detach().clone() for b in buffers.values() if b is not None]
+                self._buffers.append((module, buffers, copies))
+                plain = {k: v for k, v in vars(module).items() if _is_plain(k, v)}
+                tensors = {k: v.detach().clone() for k, v in plain.items() if isinstance(v, Tensor)}
+                if tensors:
+                    self.volatile.append(len(self._attributes))
+                self._attributes.append((module, plain, tensors))
+
+    def is_volatile(self, module: nn.Module) -> bool:
+        """Whether ``module`` keeps state in plain tensor attributes."""
+        return any(self._attributes[i][0] is module for i in self.volatile)
+
+    def reset_volatile(self) -> None:
+        """Restore the buffers and plain attributes of the :attr:`volatile` modules only."""
+        with torch.no_grad():
+            for index in self.volatile:
+                self._restore_module(index)
+
+    def restore(self) -> None:
+        """Put back every flag, buffer and plain attribute as it was at the snapshot."""
+        with torch.no_grad():
+            for index in range(len(self._attributes)):
+                self._restore_module(index)
+        for module, flag in self._flags:
+            module.training = flag
+
+    def _restore_module(self, index: int) -> None:
+        module, buffers, copies = self._buffers[index]
+        for name in [n for n in module._buffers if n not in buffers]:
+            del module._buffers[name]
+        values = iter(copies)
+        for name, buffer in buffers.items():
+            module._buffers[name] = buffer
+            if buffer is not None:
+                _copy_back(buffer, next(values))
+        module, plain, tensors = self._attributes[index]
+        attributes = vars(module)
+        added = [k for k, v in attributes.items() if k not in plain and _is_plain(k, v)]
+        for key in added:
+            del attributes[key]
+        for key, value in plain.items():
+            attributes[key] = value
+            if key in tensors:
+                _copy_back(value, tensors[key])
+
+
+def _is_plain(key: str, value: Any) -> bool:
+    """A plain attribute the snapshot covers: a tensor that is not a parameter, or a number
+    (the train/eval flag is handled on its own)."""
+    if key == "training":
+        return False
+    if isinstance(value, Tensor):
+        return not isinstance(value, nn.Parameter)
+    return isinstance(value, _Scalar)
+
+
+def _copy_back(tensor: Tensor, value: Tensor) -> None:
+    if tensor.shape == value.shape and tensor.dtype == value.dtype:
+        if tensor.device == value.device:
+            tensor.copy_(value)
+            return
+    tensor.data = value.clone()
+
+
+@contextmanager
+def preserved_model_state(model: nn.Module) -> Iterator[ModelState]:
+    """Snapshot ``model`` (:class:`ModelState`) and restore it on exit, whatever happens."""
+    state = ModelState(model)
+    try:
+        yield state
+    finally:
+        state.restore()
+
+
+def enter_pass_mode(model: nn.Module) -> None:
+    """Train mode for the pass: the flags the strategy trained with, or, for a model found
+    entirely in eval mode, train mode everywhere (see the module docstring)."""
+    if not any(module.training for module in model.modules()):
+        model.train()
+
+
+def uses_batch_statistics(model: nn.Module, state: ModelState | None = None) -> bool:
+    """Whether a module in train mode normalises with the statistics of its minibatch.
+
+    Batch norm (``torch.nn`` ``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm) in train mode,
+    and, conservatively, any module in train mode that keeps tensors in plain attributes (as
+    Avalanche's ``BatchRenorm2D`` does): its output may depend on the other samples of the
+    minibatch.
+    """
+    state = state if state is not None else ModelState(model)
+    return any(
+        module.training and (isinstance(module, _BatchNorm) or state.is_volatile(module))
+        for module in model.modules()
+    )
+
+
+# ------------------------------------------------------------------------- conventions, data
+def avalanche_convention(model: nn.Module) -> tuple[ModelForward, bool]:
+    """Avalanche's calling convention and whether ``model`` takes task labels at all.
+
+    ``avalanche.models.utils.avalanche_forward``: ``model(x, task_labels)`` for a
+    ``MultiTaskModule`` (or a ``DistributedDataParallel`` around one), ``model(x)`` otherwise.
+    """
+    from avalanche.models.utils import avalanche_forward, is_multi_task_module
+
+    return avalanche_forward, bool(is_multi_task_module(model))
+
+
+def find_multihead_classifier(model: nn.Module) -> nn.Module | None:
+    """The single Avalanche ``MultiHeadClassifier`` inside ``model``, or ``None``."""
+    from avalanche.models import MultiHeadClassifier
+
+    found = [m for m in model.modules() if isinstance(m, MultiHeadClassifier)]
+    return found[0] if len(found) == 1 else None
 
 
 def reference_sample_weights(positions: Sequence[int], batch_size: int, total: int) -> Tensor:
@@ -117,30 +307,34 @@ def default_pass_batch_size(reference_batch_size: int, device: torch.device | st
     return reference_batch_size * max(1, target // reference_batch_size)
 
 
-def find_multihead_classifier(model: nn.Module) -> nn.Module | None:
-    """The single Avalanche ``MultiHeadClassifier`` inside ``model``, or ``None``."""
-    from avalanche.models import MultiHeadClassifier
-
-    found = [m for m in model.modules() if isinstance(m, MultiHeadClassifier)]
-    return found[0] if len(found) == 1 else None
-
-
-def _split_batch(batch: Sequence[Any], default_task: int) -> tuple[Tensor, Tensor, Tensor]:
+def split_minibatch(batch: Sequence[Any], default_task: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, y, task labels)`` of a minibatch; the task labels are its last element, as
+    Avalanche reads them (``[x, y]``: every sample of ``default_task``)."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ValueError(
-            "SPG's importance pass expects batches [x, y] or [x, y, task_label]; got "
+            "SPG's importance pass expects minibatches [x, y] or [x, y, ..., task_labels]; got "
             f"{type(batch).__name__}"
         )
     x, y = batch[0], batch[1]
-    if len(batch) >= 3 and isinstance(batch[2], Tensor):
-        t = batch[2]
-    else:
-        t = torch.full((len(y),), default_task, dtype=torch.long)
+    if len(batch) < 3:
+        return x, y, torch.full((len(y),), default_task, dtype=torch.long)
+    t = batch[-1]
+    if (
+        not isinstance(t, Tensor)
+        or t.shape != (len(y),)
+        or t.dtype.is_floating_point
+        or t.dtype.is_complex
+    ):
+        described = (
+            f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+            if isinstance(t, Tensor)
+            else type(t).__name__
+        )
+        raise ValueError(
+            "SPG's importance pass reads a minibatch's task labels from its last element (as "
+            f"Avalanche does); expected an integer tensor of {len(y)} labels, got {described}"
+        )
     return x, y, t
-
-
-def _forward(model: nn.Module, x: Tensor, task: int, multitask: bool) -> Tensor:
-    return model(x, task_labels=task) if multitask else model(x)
 
 
 def _sum_dtype(param: Tensor) -> torch.dtype:
@@ -166,7 +360,7 @@ class _Batches:
         """``(x, y, task labels, weights, sorted distinct task labels)`` per minibatch."""
         start = 0
         for batch in self.loader:
-            x, y, t = _split_batch(batch, self.default_task)
+            x, y, t = split_minibatch(batch, self.default_task)
             # The distinct tasks are read on the host, before the transfer: no device sync.
             tasks = torch.unique(t.cpu()).tolist()
             x = x.to(self.device)
@@ -177,6 +371,40 @@ class _Batches:
             yield x, y, t, w, tasks
 
 
+class _Pass:
+    """What every loop of the pass needs: the model call and the feature parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward: ModelForward,
+        state: ModelState,
+        batches: _Batches,
+        params: list[nn.Parameter],
+    ) -> None:
+        self.model = model
+        self.forward = forward
+        self.state = state
+        self.batches = batches
+        self.params = params
+
+    def call(self, x: Tensor, task_labels: Tensor) -> Tensor:
+        """The model's output, called by the convention, on the state of the snapshot."""
+        self.state.reset_volatile()
+        return self.forward(self.model, x, task_labels)
+
+    def current_loss(self, x: Tensor, y: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        """The reference's batch-mean cross-entropy in per-sample form, ``sum_i w_i CE_i``
+        (``w_i``: ``1 / len(reference minibatch)``): exact for a smaller last minibatch and
+        any batching of the samples."""
+        return (F.cross_entropy(self.call(x, t), y, reduction="none").double() * w).sum()
+
+    def old_head_loss(self, x: Tensor, t: Tensor, head: int) -> Tensor:
+        """Sum of all logits of head ``head`` (every sample labelled ``head``)."""
+        return self.call(x, torch.full_like(t, head)).sum()
+
+
+# ------------------------------------------------------------------------------ entry point
 def compute_gamma(
     model: nn.Module,
     dataset: Dataset,
@@ -193,19 +421,24 @@ def compute_gamma(
     grad_reducer: GradReducer | None = None,
     num_workers: int = 0,
     vectorize_heads: bool = False,
+    forward: ModelForward | None = None,
+    classifier: nn.Module | None | Literal["auto"] = "auto",
+    sum_memory_budget: int | None = DEFAULT_SUM_MEMORY_BUDGET,
 ) -> dict[str, Tensor]:
     """Compute ``gamma`` (max over heads of ``|tanh(standardise(G))|``) for one experience.
 
-    :param model: the model as it is at the end of the experience. It is put in train mode for the
-        pass and every module's own flag is restored afterwards; its ``.grad`` are zeroed before
-        and after.
-    :param dataset: the experience's training data, yielding ``[x, y]`` or ``[x, y, task]``.
+    :param model: the model as it is at the end of the experience. It is left exactly as it was
+        found (flags, buffers, plain attributes; see :class:`ModelState`); its ``.grad`` are
+        zeroed (set to ``None``) before and after.
+    :param dataset: the experience's training data, yielding ``[x, y]`` or
+        ``[x, y, ..., task_labels]``.
     :param feature_params: the feature-extractor parameters, by name; importance is computed for
         these only.
     :param current_tasks: the task label(s) of the experience just trained: their samples use
         their own head with cross-entropy.
     :param previous_tasks: the task labels of earlier experiences (excluding current ones): each
-        contributes the sum of its head's logits over the current data.
+        contributes the sum of its head's logits over the current data. Pass none for a model
+        without task heads.
     :param device: where the forward/backward passes run.
     :param reference_batch_size: the minibatch size whose per-minibatch means are summed (the
         training minibatch size in the reference).
@@ -213,7 +446,7 @@ def compute_gamma(
         ``"reference"`` (the straightforward per-head loop). See the module docstring.
     :param pass_batch_size: minibatch size of the fast pass (default:
         :func:`default_pass_batch_size`). The result does not depend on it (up to float
-        rounding).
+        rounding); ignored when a module uses batch statistics (see the module docstring).
     :param indices: positions in ``dataset`` this process handles (default: all). Weights are
         taken from the *global* position, so per-rank sums add up to the single-process sum.
     :param total_samples: size of the whole experience when ``indices`` is a shard.
@@ -224,6 +457,16 @@ def compute_gamma(
         (``vmap``) call per minibatch instead of a loop. Same result up to rounding; measured
         slower than the loop on CPU, not yet measured on GPU (hence off by default). Falls
         back to the loop if the model uses an operation without a batching rule.
+    :param forward: the calling convention, ``forward(model, x, task_labels)`` with one label
+        per sample. ``None``: Avalanche's (:func:`avalanche_convention`); older heads are then
+        ignored for a model that takes no task labels.
+    :param classifier: fast pass only: the multi-head classifier the model calls on the
+        features shared by all heads, as ``classifier(features, task_labels)``; head ``j``'s
+        logits are ``classifier(features, j)``. ``None``: no shared forward. ``"auto"``:
+        Avalanche's single ``MultiHeadClassifier`` inside the model, if there is one.
+    :param sum_memory_budget: fast pass only: the most bytes of per-head summed gradients held
+        at once; heads are processed in groups that fit (at least one head per group). ``None``:
+        all heads at once. Same result bit for bit (without dropout).
     :return: ``{name: gamma}`` for every feature parameter, float32, shaped like the parameter.
     """
     if reference_batch_size < 1:
@@ -232,56 +475,72 @@ def compute_gamma(
         raise ValueError(f"method must be 'fast' or 'reference', got {method!r}")
     if pass_batch_size is not None and pass_batch_size < 1:
         raise ValueError(f"pass_batch_size must be >= 1 or None, got {pass_batch_size}")
-    from avalanche.models import MultiTaskModule
-
+    if sum_memory_budget is not None and sum_memory_budget < 1:
+        raise ValueError(f"sum_memory_budget must be >= 1 or None, got {sum_memory_budget}")
+    current = [int(t) for t in current_tasks]
+    previous = [int(t) for t in previous_tasks if int(t) not in current]
+    if forward is None:
+        forward, task_aware = avalanche_convention(model)
+        previous = previous if task_aware else []
+    if isinstance(classifier, str):
+        if classifier != "auto":
+            raise ValueError(f"classifier must be a module, None or 'auto', got {classifier!r}")
+        classifier = find_multihead_classifier(model)
     device = torch.device(device)
     names = list(feature_params)
     params = [feature_params[n] for n in names]
-    multitask = isinstance(model, MultiTaskModule)
-    current = [int(t) for t in current_tasks]
-    previous = [int(t) for t in previous_tasks if int(t) not in current] if multitask else []
     heads: list[int | None] = [*previous, None]  # None: "each sample's own (current) head"
     default_task = current[0] if current else 0
-
     n_total = len(dataset) if total_samples is None else int(total_samples)  # type: ignore[arg-type]
     positions = list(range(n_total)) if indices is None else [int(i) for i in indices]
-    if method == "reference":
-        batch_size = reference_batch_size
-    else:
-        batch_size = pass_batch_size or default_pass_batch_size(reference_batch_size, device)
-    subset = Subset(dataset, positions)
-    loader = DataLoader(
-        subset,
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=getattr(dataset, "collate_fn", None),
-        num_workers=num_workers,
-    )
-    batches = _Batches(
-        loader,
-        reference_sample_weights(positions, reference_batch_size, n_total),
-        device,
-        default_task,
-    )
-
-    sums = [
-        [torch.zeros(p.shape, dtype=_sum_dtype(p), device=p.device) for p in params] for _ in heads
-    ]
-    with preserve_train_flags(model, True), torch.enable_grad():
-        model.zero_grad(set_to_none=True)
-        if method == "reference":
-            _reference_loop(model, batches, params, heads, sums, multitask)
-        else:
-            _fast_loop(model, batches, params, heads, sums, multitask, vectorize_heads)
-        model.zero_grad(set_to_none=True)
 
     max_abs_z: list[Tensor | None] = [None] * len(params)
-    for head_sums in sums:
-        if grad_reducer is not None:
-            grad_reducer(head_sums)
-        for index, summed in enumerate(head_sums):
-            max_abs_z[index] = _fold_abs_z(max_abs_z[index], summed)
-        head_sums.clear()  # each head's sums are consumed (and freed) as soon as folded
+    with preserved_model_state(model) as state, torch.enable_grad():
+        enter_pass_mode(model)
+        exact_batches = method == "reference" or uses_batch_statistics(model, state)
+        if exact_batches:
+            batch_size = reference_batch_size
+        else:
+            batch_size = pass_batch_size or default_pass_batch_size(reference_batch_size, device)
+        loader = DataLoader(
+            Subset(dataset, positions),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=getattr(dataset, "collate_fn", None),
+            num_workers=num_workers,
+        )
+        weights = reference_sample_weights(positions, reference_batch_size, n_total)
+        run = _Pass(model, forward, state, _Batches(loader, weights, device, default_task), params)
+
+        def fold(head_sums: list[Tensor]) -> None:
+            if grad_reducer is not None:
+                grad_reducer(head_sums)
+            for index, summed in enumerate(head_sums):
+                max_abs_z[index] = _fold_abs_z(max_abs_z[index], summed)
+            head_sums.clear()  # each head's sums are consumed (and freed) as soon as folded
+
+        model.zero_grad(set_to_none=True)
+        try:
+            if method == "reference":
+                for head in heads:  # one head's sums at a time
+                    head_sums = _zero_sums(params)
+                    _reference_loop(run, head, head_sums)
+                    fold(head_sums)
+            else:
+                tap = classifier if len(heads) > 1 else None
+                if tap is not None:
+                    inside = {id(p) for p in tap.parameters()}
+                    if any(id(p) in inside for p in params):
+                        tap = None  # a "feature" parameter behind the tap: h would not reach it
+                for group in _head_groups(len(heads), params, sum_memory_budget):
+                    group_heads = [heads[i] for i in group]
+                    sums = [_zero_sums(params) for _ in group_heads]
+                    tap = _fast_loop(run, tap, group_heads, sums, vectorize_heads, exact_batches)
+                    for head_sums in sums:
+                        fold(head_sums)
+        finally:
+            model.zero_grad(set_to_none=True)
+
     gamma: dict[str, Tensor] = {}
     for name, param, value in zip(names, params, max_abs_z):
         if value is None:
@@ -289,6 +548,17 @@ def compute_gamma(
         else:
             gamma[name] = value.tanh_().clamp_(max=_below_one(value.device))
     return gamma
+
+
+def _zero_sums(params: list[nn.Parameter]) -> list[Tensor]:
+    return [torch.zeros(p.shape, dtype=_sum_dtype(p), device=p.device) for p in params]
+
+
+def _head_groups(n_heads: int, params: list[nn.Parameter], budget: int | None) -> list[list[int]]:
+    """Consecutive groups of head indices whose summed gradients fit in ``budget`` bytes."""
+    per_head = sum(p.numel() * _sum_dtype(p).itemsize for p in params)
+    size = n_heads if budget is None or per_head == 0 else max(1, budget // per_head)
+    return [list(range(i, min(n_heads, i + size))) for i in range(0, n_heads, size)]
 
 
 def _below_one(device: torch.device) -> Tensor:
@@ -326,54 +596,20 @@ def _fold_abs_z(running: Tensor | None, summed: Tensor) -> Tensor | None:
 
 
 # ----------------------------------------------------------------------------- reference loop
-def _per_sample_current_loss(
-    model: nn.Module, x: Tensor, y: Tensor, t: Tensor, multitask: bool
-) -> Tensor:
-    """Cross-entropy of every sample through its own head (reduction 'none')."""
-    if not multitask:
-        return F.cross_entropy(model(x), y, reduction="none")
-    tasks = torch.unique(t)
-    if len(tasks) == 1:
-        return F.cross_entropy(model(x, task_labels=int(tasks[0])), y, reduction="none")
-    losses = torch.empty(len(y), device=x.device)
-    for task in tasks.tolist():
-        mask = t == task
-        losses[mask] = F.cross_entropy(
-            model(x[mask], task_labels=int(task)), y[mask], reduction="none"
-        ).float()
-    return losses
-
-
-def _current_loss(
-    model: nn.Module, x: Tensor, y: Tensor, t: Tensor, w: Tensor, multitask: bool
-) -> Tensor:
-    """The reference's batch mean in per-sample form: ``sum_i w_i * CE_i`` (``w_i`` is
-    ``1 / len(reference minibatch)``), which also handles a smaller last minibatch and any
-    batching of the samples."""
-    return (_per_sample_current_loss(model, x, y, t, multitask).double() * w).sum()
-
-
-def _reference_loop(
-    model: nn.Module,
-    batches: _Batches,
-    params: list[nn.Parameter],
-    heads: list[int | None],
-    sums: list[list[Tensor]],
-    multitask: bool,
-) -> None:
-    for head, head_sums in zip(heads, sums):
-        model.zero_grad(set_to_none=True)
-        for x, y, t, w, _ in batches:
-            if head is None:
-                loss = _current_loss(model, x, y, t, w, multitask)
-            else:
-                loss = _forward(model, x, head, multitask).sum()
-            loss.backward()
-            for param, acc in zip(params, head_sums):
-                if param.grad is not None:
-                    acc.add_(param.grad)
-                    param.grad = None
-        model.zero_grad(set_to_none=True)
+def _reference_loop(run: _Pass, head: int | None, head_sums: list[Tensor]) -> None:
+    """One head: one forward and ``backward()`` per minibatch, gradients summed."""
+    run.model.zero_grad(set_to_none=True)
+    for x, y, t, w, _ in run.batches:
+        if head is None:
+            loss = run.current_loss(x, y, t, w)
+        else:
+            loss = run.old_head_loss(x, t, head)
+        loss.backward()
+        for param, acc in zip(run.params, head_sums):
+            if param.grad is not None:
+                acc.add_(param.grad)
+                param.grad = None
+    run.model.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------- fast path
@@ -382,82 +618,153 @@ class _TapMismatch(Exception):
 
 
 def _fast_loop(
-    model: nn.Module,
-    batches: _Batches,
-    params: list[nn.Parameter],
+    run: _Pass,
+    classifier: nn.Module | None,
     heads: list[int | None],
     sums: list[list[Tensor]],
-    multitask: bool,
     vectorize_heads: bool,
-) -> None:
-    # With a single head there is no forward to share: the plain loop has less overhead.
-    classifier = find_multihead_classifier(model) if multitask and len(heads) > 1 else None
-    if classifier is not None:
-        inside = {id(p) for p in classifier.parameters()}
-        if any(id(p) in inside for p in params):
-            classifier = None  # a "feature" parameter behind the tap: h would not reach it
+    exact_batches: bool,
+) -> nn.Module | None:
+    """Fill ``sums`` (one list per head); returns the classifier if tapping it worked (so the
+    next group of heads tries it again), ``None`` if the shared-batch loop was needed."""
     if classifier is not None:
         try:
-            _tapped_loop(model, classifier, batches, params, heads, sums, vectorize_heads)
-            return
+            _tapped_loop(run, classifier, heads, sums, vectorize_heads, exact_batches)
+            return classifier
         except _TapMismatch:
             for head_sums in sums:
                 torch._foreach_zero_(head_sums)
-            model.zero_grad(set_to_none=True)
-    _shared_batch_loop(model, batches, params, heads, sums, multitask)
+            run.model.zero_grad(set_to_none=True)
+            classifier = None
+    _shared_batch_loop(run, heads, sums)
+    return classifier
+
+
+class _Tap:
+    """Captures the classifier's input during the model's forward and runs single heads."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        self.classifier = classifier
+        self.captured: list[Tensor] = []
+        self.capturing = True
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.capturing:
+            self.captured.append(args[0])
+
+    def head(self, features: Tensor, task: int) -> Tensor:
+        """Head ``task``'s logits on ``features`` (not captured)."""
+        self.capturing = False
+        try:
+            return self.classifier(features, task)
+        finally:
+            self.capturing = True
+
+    def forward(
+        self, run: _Pass, x: Tensor, labels: Tensor, task: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(h, detached h, model output as a function of the detached h)`` for a minibatch
+        whose samples all have label ``task``."""
+        self.captured.clear()
+        out = run.call(x, labels)
+        if len(self.captured) != 1:
+            raise _TapMismatch
+        h = self.captured.pop()
+        head_input = h.detach().requires_grad_(True)
+        return h, head_input, _as_model_output(self.head(head_input, task), out)
+
+
+def _as_model_output(own: Tensor, out: Tensor) -> Tensor:
+    """``own`` (a head's logits) as the model returned them: the same values, possibly padded
+    with zero columns to a common width (Avalanche's multi-task forward does so), in the
+    output's dtype. Anything else: :class:`_TapMismatch`."""
+    if (
+        not isinstance(out, Tensor)
+        or own.dim() != 2
+        or out.dim() != 2
+        or own.shape[0] != out.shape[0]
+        or own.shape[1] > out.shape[1]
+    ):
+        raise _TapMismatch
+    width = own.shape[1]
+    logits = own if own.dtype == out.dtype else own.to(out.dtype)
+    if not torch.allclose(logits.detach(), out[:, :width].detach(), rtol=1e-5, atol=1e-6):
+        raise _TapMismatch
+    if width < out.shape[1]:
+        if bool(out[:, width:].detach().any()):
+            raise _TapMismatch
+        logits = F.pad(logits, (0, out.shape[1] - width))
+    return logits
 
 
 def _tapped_loop(
-    model: nn.Module,
-    classifier: Any,  # avalanche.models.MultiHeadClassifier
-    batches: _Batches,
-    params: list[nn.Parameter],
+    run: _Pass,
+    classifier: nn.Module,
     heads: list[int | None],
     sums: list[list[Tensor]],
     vectorize_heads: bool,
+    exact_batches: bool,
 ) -> None:
-    captured: list[Tensor] = []
-
-    def grab_features(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(args[0])
-
+    tap = _Tap(classifier)
     vectorize = [vectorize_heads and len(heads) > 1]
-    handle = classifier.register_forward_pre_hook(grab_features)
+    old = [(index, head) for index, head in enumerate(heads) if head is not None]
+    handle = classifier.register_forward_pre_hook(tap)
     try:
-        for x, y, t, w, tasks in batches:
+        for x, y, t, w, tasks in run.batches:
+            if exact_batches and len(tasks) > 1:
+                _mixed_minibatch(run, tap, heads, sums, old, (x, y, t, w), vectorize)
+                continue
             features: list[Tensor] = []  # one graph per task group of the minibatch
             cotangents: list[list[Tensor]] = [[] for _ in heads]
             for task in tasks:
                 if len(tasks) == 1:
-                    xg, yg, wg = x, y, w
-                else:
+                    xg, yg, tg, wg = x, y, t, w
+                else:  # no batch statistics: a group's samples do not see each other
                     rows = (t == task).nonzero().squeeze(1)
-                    xg, yg, wg = x[rows], y[rows], w[rows]
-                captured.clear()
-                out = model(xg, task_labels=int(task))
-                if len(captured) != 1:
-                    raise _TapMismatch
-                h = captured[0]
-                captured.clear()
-                head_input = h.detach().requires_grad_(True)
-                own = classifier.forward_single_task(head_input, int(task))
-                if own.shape != out.shape or not torch.allclose(
-                    own.detach(), out.detach(), rtol=1e-5, atol=1e-6
-                ):
-                    raise _TapMismatch
-                del out
+                    xg, yg, tg, wg = x[rows], y[rows], t[rows], w[rows]
+                h, head_input, logits = tap.forward(run, xg, tg, task)
                 for index, head in enumerate(heads):
                     if head is None:
                         # The current head's loss, on the logits just checked to be the model's.
-                        loss = (F.cross_entropy(own, yg, reduction="none").double() * wg).sum()
+                        loss = (F.cross_entropy(logits, yg, reduction="none").double() * wg).sum()
                     else:
-                        loss = classifier.forward_single_task(head_input, head).sum()
-                    (grad,) = torch.autograd.grad(loss, head_input, allow_unused=True)
-                    cotangents[index].append(torch.zeros_like(h) if grad is None else grad)
+                        loss = tap.head(head_input, head).sum()
+                    cotangents[index].append(_cotangent(loss, head_input))
                 features.append(h)
-            _feature_backward(features, cotangents, params, sums, vectorize)
+            _feature_backward(features, cotangents, run.params, sums, vectorize)
     finally:
         handle.remove()
+
+
+def _mixed_minibatch(
+    run: _Pass,
+    tap: _Tap,
+    heads: list[int | None],
+    sums: list[list[Tensor]],
+    old: list[tuple[int, int]],
+    batch: tuple[Tensor, Tensor, Tensor, Tensor],
+    vectorize: list[bool],
+) -> None:
+    """A minibatch mixing task labels on a model with batch statistics, seen as in the
+    reference: the current head through one call with the per-sample labels (grouped by the
+    model as in training), the old heads through one shared call with the whole minibatch."""
+    x, y, t, w = batch
+    if None in heads:
+        loss = run.current_loss(x, y, t, w)
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, run.params, allow_unused=True)
+            _add_grads(sums[heads.index(None)], list(grads))
+    if not old:
+        return
+    first = old[0][1]
+    h, head_input, _ = tap.forward(run, x, torch.full_like(t, first), first)
+    cotangents = [[_cotangent(tap.head(head_input, head).sum(), head_input)] for _, head in old]
+    _feature_backward([h], cotangents, run.params, [sums[i] for i, _ in old], vectorize)
+
+
+def _cotangent(loss: Tensor, head_input: Tensor) -> Tensor:
+    (grad,) = torch.autograd.grad(loss, head_input, allow_unused=True)
+    return torch.zeros_like(head_input) if grad is None else grad
 
 
 def _feature_backward(
@@ -515,23 +822,16 @@ def _add_grads(head_sums: list[Tensor], grads: list[Tensor | None]) -> None:
     torch._foreach_add_(accs, values)
 
 
-def _shared_batch_loop(
-    model: nn.Module,
-    batches: _Batches,
-    params: list[nn.Parameter],
-    heads: list[int | None],
-    sums: list[list[Tensor]],
-    multitask: bool,
-) -> None:
-    """Without a classifier to tap: one forward per head on the (larger) minibatch, gradients
-    of the feature parameters only."""
-    for x, y, t, w, _ in batches:
+def _shared_batch_loop(run: _Pass, heads: list[int | None], sums: list[list[Tensor]]) -> None:
+    """Without a classifier to tap: one forward per head on the (possibly larger) minibatch,
+    gradients of the feature parameters only."""
+    for x, y, t, w, _ in run.batches:
         for index, head in enumerate(heads):
             if head is None:
-                loss = _current_loss(model, x, y, t, w, multitask)
+                loss = run.current_loss(x, y, t, w)
             else:
-                loss = _forward(model, x, head, multitask).sum()
+                loss = run.old_head_loss(x, t, head)
             if not loss.requires_grad:
                 continue
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = torch.autograd.grad(loss, run.params, allow_unused=True)
             _add_grads(sums[index], list(grads))

@@ -237,7 +237,7 @@ def reference_gamma(
     model: nn.Module,
     dataset: Dataset,
     previous_tasks: Sequence[int],
-    current_task: int,
+    current_task: int | Sequence[int],
     batch_size: int,
     feature_names: Iterable[str] | None = None,
 ) -> dict[str, Tensor]:
@@ -245,19 +245,34 @@ def reference_gamma(
     pseudocode says: for every head ``j`` in ``prev + [k]``, zero the grads, sum the gradients
     of ``CE(out, y)`` (``j == k``) or ``out.sum()`` (``j != k``) over the experience's
     minibatches in fixed order, then per feature tensor ``|tanh((G - mean) / std)|``, max over
-    heads."""
+    heads.
+
+    The model is called as Avalanche's training calls it: ``model(x, task_labels)`` with one
+    task label per sample (positionally) for a ``MultiTaskModule``, ``model(x)`` otherwise; a
+    minibatch's task labels are its last element (``[x, y, ..., t]``; ``[x, y]`` means the
+    current task). The current head sees every sample with its own label (``current_task`` may
+    name several tasks, for minibatches that mix them); old head ``j`` sees a label tensor
+    filled with ``j``. Train mode, except that a model the strategy trains partly in eval mode
+    keeps its flags; only a model entirely in eval mode is switched to train mode.
+    """
     model = copy.deepcopy(model)
-    model.train()
+    if not any(m.training for m in model.modules()):
+        model.train()
+    multitask = isinstance(model, MultiTaskModule)
+    current = [current_task] if isinstance(current_task, int) else list(current_task)
     names = set(feature_param_names(model) if feature_names is None else feature_names)
     params = {n: p for n, p in model.named_parameters() if n in names}
     gamma = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for j in [*previous_tasks, current_task]:
+    heads: list[int | None] = [j for j in previous_tasks if j not in current] if multitask else []
+    for j in [*heads, None]:  # None: the current head(s), each sample through its own
         model.zero_grad()
         for batch in loader:
             x, y = batch[0], batch[1]
-            out = model(x, task_labels=j) if isinstance(model, MultiTaskModule) else model(x)
-            loss = F.cross_entropy(out, y) if j == current_task else out.sum()
+            t = batch[-1] if len(batch) >= 3 else torch.full((len(y),), current[0])
+            labels = t if j is None else torch.full_like(t, j)
+            out = model(x, labels) if multitask else model(x)
+            loss = F.cross_entropy(out, y) if j is None else out.sum()
             loss.backward()
         for n, p in params.items():
             if not _usable(p.grad):

@@ -136,15 +136,22 @@ def test_importance_uses_the_experience_training_data_not_the_strategy_loader(
     assert seen["checked"] == 2
 
 
-def test_pass_runs_in_train_mode_and_restores_every_module_flag(digits_til_small: Any) -> None:
+@pytest.mark.parametrize("partly_eval", [False, True])
+def test_pass_runs_in_train_mode_and_restores_every_module_flag(
+    digits_til_small: Any, partly_eval: bool
+) -> None:
+    """A model found entirely in eval mode runs the pass in train mode (dropout active, as the
+    paper); a model the strategy trains partly in eval mode (as AR1 freezes lower layers) keeps
+    its flags during the pass. Either way every flag is restored afterwards."""
     model = make_mlp(hidden=(16, 16), dropout=0.3)
-    modes_during_pass: list[bool] = []
+    modes_during_pass: list[dict[str, bool]] = []
     pattern: dict[str, bool] = {}
 
-    def set_mixed_flags(strategy: Any) -> None:
+    def set_flags(strategy: Any) -> None:
         strategy.model.eval()
-        strategy.model.features[1].train()  # one Linear in train mode, the rest in eval
-        strategy.model.features[3].train()
+        if partly_eval:
+            strategy.model.features[1].train()  # one Linear in train mode, the rest in eval
+            strategy.model.features[3].train()
         pattern.update({n: m.training for n, m in strategy.model.named_modules()})
         modes_during_pass.clear()
 
@@ -152,13 +159,15 @@ def test_pass_runs_in_train_mode_and_restores_every_module_flag(digits_til_small
         assert {n: m.training for n, m in strategy.model.named_modules()} == pattern
 
     hook = model.features.register_forward_pre_hook(
-        lambda module, args: modes_during_pass.append(all(m.training for m in model.modules()))
+        lambda module, args: modes_during_pass.append(
+            {n: m.training for n, m in model.named_modules()}
+        )
     )
     plugin = SPGPlugin()
     strategy = make_naive(
         model,
         [
-            CallbackProbe(after_training_exp=set_mixed_flags),
+            CallbackProbe(after_training_exp=set_flags),
             plugin,
             CallbackProbe(after_training_exp=check_flags),
         ],
@@ -166,8 +175,13 @@ def test_pass_runs_in_train_mode_and_restores_every_module_flag(digits_til_small
     strategy.train(digits_til_small.train_stream[0])
     strategy.train(digits_til_small.train_stream[1])
     hook.remove()
-    assert modes_during_pass and all(modes_during_pass)  # dropout active, as the reference
-    assert any(not flag for flag in pattern.values())
+    assert modes_during_pass
+    if partly_eval:
+        assert all(modes == pattern for modes in modes_during_pass)
+        assert any(not flag for flag in pattern.values())
+    else:
+        assert not any(pattern.values())
+        assert all(all(modes.values()) for modes in modes_during_pass)  # dropout active
 
 
 def test_gradients_are_zero_after_the_pass(digits_til_small: Any) -> None:
