@@ -32,6 +32,7 @@ __all__ = ["SPGPlugin", "SPGOptimizerWarning", "HeadSelector", "unwrap_model"]
 #: How heads are chosen: module-name prefixes, or a predicate on (parameter name, parameter).
 HeadSelector = Sequence[str] | Callable[[str, nn.Parameter], bool]
 MaskMode = Literal["grad", "update"]
+HeadRule = Literal["mean", "none"]
 
 _STATE_VERSION = 1
 
@@ -111,6 +112,15 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         the start of every experience, as the reference's fresh optimizer per task does.
     :param warn_optimizer: warn once if the optimizer makes gradient masking approximate.
     :param num_workers: DataLoader workers for the importance pass.
+    :param head_rule: how head gradients are scaled once importance exists (Section 3.2,
+        Eq. 5). ``"mean"`` (default, the paper): by ``1 - mean(A)``, one scalar over every
+        element of every importance tensor. ``"none"``: left unscaled (a variant, not the
+        paper: new heads learn at the full learning rate however full the network is; the clip
+        of ``clip_head_grad_norm`` still applies).
+    :param previous_heads: ``True`` (default, the paper, Section 3.1): the importance pass also
+        back-propagates the sum of every older head's logits over the current data, so that
+        parameters the old heads' outputs depend on are protected. ``False`` (a variant): only
+        the current head's loss contributes.
     :param class_incremental: beyond the paper — for a single shared (growing) classifier and no
         task labels. Class groups (the classes of each experience) play the role of task heads
         in the importance pass, and each classifier row gets its own importance from the
@@ -131,6 +141,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         warn_optimizer: bool = True,
         num_workers: int = 0,
         class_incremental: bool = False,
+        head_rule: HeadRule = "mean",
+        previous_heads: bool = True,
     ) -> None:
         super().__init__()
         if heads is not None and not callable(heads):
@@ -157,6 +169,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             ("reset_optimizer_state", reset_optimizer_state),
             ("warn_optimizer", warn_optimizer),
             ("class_incremental", class_incremental),
+            ("previous_heads", previous_heads),
         ):
             if not isinstance(flag, bool):
                 raise ValueError(f"{flag_name} must be True or False, got {flag!r}")
@@ -173,6 +186,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{arg_name} must be a positive int or None, got {value!r}")
+        if head_rule not in ("mean", "none"):
+            raise ValueError(f"head_rule must be 'mean' or 'none', got {head_rule!r}")
         if mask not in ("grad", "update"):
             raise ValueError(f"mask must be 'grad' or 'update', got {mask!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -189,6 +204,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self.warn_optimizer = warn_optimizer
         self.num_workers = num_workers
         self.class_incremental = bool(class_incremental)
+        self.head_rule: HeadRule = head_rule
+        self.previous_heads = previous_heads
 
         # State that survives a checkpoint (plain data).
         self._importance: dict[str, Tensor] = {}
@@ -256,7 +273,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self._seen_tasks = [int(t) for t in state["seen_tasks"]]
         self._class_groups = [[int(c) for c in g] for g in state.get("class_groups", [])]
         self._experiences_seen = int(state["experiences_seen"])
-        self._head_scale = head_scale(self._importance)
+        self._head_scale = self._applied_head_scale()
         self._masks = None
 
     # ------------------------------------------------------------------ partition
@@ -359,10 +376,14 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         classes = sorted(int(c) for c in getattr(experience, "classes_in_this_experience", []))
         self._class_groups.append(classes)
         self._experiences_seen += 1
-        self._head_scale = head_scale(self._importance)
+        self._head_scale = self._applied_head_scale()
         self.last_importance_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------ internals
+    def _applied_head_scale(self) -> float:
+        """The head rule's scalar: ``1 - mean(A)`` (paper) or 1 (``head_rule="none"``)."""
+        return head_scale(self._importance) if self.head_rule == "mean" else 1.0
+
     def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
         model = unwrap_model(strategy.model)
         # The pass runs in train mode (dropout active, as in the paper); normalisation layers
@@ -393,7 +414,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 features,
                 heads,
                 strategy.experience.classes_in_this_experience,
-                self._class_groups,
+                self._class_groups if self.previous_heads else [],
                 device=strategy.device,
                 batch_size=reference_batch,
                 num_workers=self.num_workers,
@@ -409,7 +430,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             dataset,
             features,
             current,
-            self._seen_tasks,
+            self._seen_tasks if self.previous_heads else [],
             device=strategy.device,
             reference_batch_size=reference_batch,
             method=self.importance_method,
@@ -460,7 +481,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             self._importance[name] = value  # kept on the parameter's device from now on
             feature_params.append(param)
             factors.append((1.0 - fit_to_shape(value, param.shape)).to(param.dtype))
-        self._head_scale = head_scale(self._importance)
+        self._head_scale = self._applied_head_scale()
         return MaskSet(
             feature_params=feature_params,
             feature_factors=factors,

@@ -40,7 +40,7 @@ SCENARIOS = ("task", "class")
 
 #: Methods that make sense without task labels and with one shared head (PackNet needs a task
 #: label to select its masks; SI and MAS are left out only because they were not calibrated).
-CLASS_METHODS = ("naive", "ewc", "lwf", "replay", "spg", "spg+replay", "joint")
+CLASS_METHODS = ("naive", "ewc", "lwf", "replay", "spg", "spg+replay", "spg+lwf", "joint")
 
 
 def check_class_methods(methods: Sequence[str]) -> None:
@@ -71,12 +71,19 @@ class SingleHeadNet(nn.Module):
 
 
 def make_class_backbone(
-    protocol: str, benchmark: str, input_shape: Sequence[int], initial_classes: int
+    protocol: str,
+    benchmark: str,
+    input_shape: Sequence[int],
+    initial_classes: int,
+    backbone: str = "auto",
 ) -> SingleHeadNet:
-    """The task-incremental backbone's feature extractor with one incremental head."""
-    from benchmarks.protocols import make_backbone
+    """The task-incremental backbone's feature extractor with one incremental head
+    (``backbone``: ``auto``, ``mlp`` or ``alexnet``)."""
+    from benchmarks.protocols import make_backbone, resolve_backbone
 
-    multi = make_backbone(protocol, benchmark, input_shape, initial_classes)
+    if resolve_backbone(backbone, protocol, input_shape) == "resnet":
+        raise ValueError("the class scenario supports the mlp and alexnet backbones, not resnet")
+    multi = make_backbone(protocol, benchmark, input_shape, initial_classes, backbone)
     features = cast(nn.Module, multi.features)
     fc = getattr(multi, "fc", None)
     if fc is not None:  # AlexNetLike: convolutions, then the fully connected layers

@@ -21,9 +21,15 @@ from benchmarks._io import read_json, run_paths, write_json
 from benchmarks.catalog import BENCHMARKS, SOURCE_SHAPES, default_data_root, describe_benchmarks
 from benchmarks.methods import describe_methods, method_hparams, parse_hparams
 from benchmarks.methods import parse_methods as _parse_methods
-from benchmarks.protocols import PROTOCOLS, protocol_settings
+from benchmarks.protocols import (
+    BACKBONES,
+    PROTOCOLS,
+    backbone_description,
+    protocol_settings,
+    resolve_backbone,
+)
 
-__all__ = ["main", "build_parser", "backbone_description"]
+__all__ = ["main", "build_parser", "backbone_description"]  # re-exported from protocols
 
 DEFAULT_BENCHMARK = "split-digits"
 
@@ -182,7 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="task",
         help="task: one head per task, task label given at test time; class: global labels, "
         "no task label, one growing IncrementalClassifier head, SPG with "
-        "class_incremental=True (methods: naive, ewc, lwf, replay, spg, spg+replay, joint)",
+        "class_incremental=True (methods: naive, ewc, lwf, replay, spg, spg+replay, spg+lwf, "
+        "joint)",
+    )
+    what.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="auto",
+        help="network: auto (the protocol's choice, see below), mlp (two hidden layers: 256-256; "
+        "64-64 on the digits under quick), alexnet (the paper's AlexNet-like CNN; images of at "
+        "least 10x10), resnet (Avalanche's MTSlimResNet18, a BatchNorm ResNet; task scenario only)",
     )
     what.add_argument(
         "--hparam",
@@ -296,20 +311,6 @@ def build_compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def backbone_description(protocol: str, source: str) -> str:
-    """The backbone in words, for the table (mirrors :func:`protocols.make_backbone`)."""
-    channels, height, width = SOURCE_SHAPES[source]
-    n_inputs = channels * height * width
-    if height < 10:
-        hidden = "64-64" if protocol == "quick" else "256-256"
-        return f"MLP {n_inputs}-{hidden}"
-    if protocol == "quick":
-        if channels == 1:
-            return f"MLP {n_inputs}-256-256"
-        return "AlexNet-like (512 hidden, no dropout)"
-    return "AlexNet-like (2048 hidden, paper dropout)"
-
-
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that determine the results (stored in config.json, hashed for --out)."""
     protocol = protocol_settings(
@@ -333,7 +334,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_train_per_task": args.max_train_per_task,
         "train_fraction": args.train_fraction,
         "hparam_overrides": hparam_overrides,
-        "backbone": backbone_description(args.protocol, info.source),
+        "backbone": backbone_description(
+            getattr(args, "backbone", "auto"), args.protocol, SOURCE_SHAPES[info.source]
+        ),
     }
     if getattr(args, "scenario", "task") == "class":
         # Only present for the class scenario, so task-incremental settings (and their run
@@ -453,9 +456,11 @@ def run_command(args: argparse.Namespace, command: str) -> int:
         device = str(setup.device) if setup.distributed else _resolve_device(args.device)
         if setup.distributed:
             log(f"{setup.world_size} processes ({setup.backend}); rank 0 on {device}")
+        shape = SOURCE_SHAPES[BENCHMARKS[args.benchmark].source]
+        small_model = resolve_backbone(args.backbone, args.protocol, shape) == "mlp"
         if args.threads:
             torch.set_num_threads(args.threads)
-        elif args.protocol == "quick" and device == "cpu":
+        elif device == "cpu" and (args.protocol == "quick" or small_model):
             torch.set_num_threads(1)
         protocol = protocol_settings(
             args.protocol,
@@ -501,6 +506,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                     tensor_data=not args.avalanche_loaders,
                     scenario="class" if class_scenario else "task",
                     world_size=setup.world_size,
+                    backbone=args.backbone,
                 )
                 result = run_one(spec, streams[seed], out, log=log, command=command)
                 bwt = result["bwt"]
@@ -566,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve_settings(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.scenario == "class" and args.backbone == "resnet":
+        parser.error("--backbone resnet is for the task scenario (use mlp or alexnet with class)")
     if args.scenario == "class":
         from benchmarks._class_incremental import check_class_methods
 

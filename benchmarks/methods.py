@@ -23,6 +23,8 @@ packnet        ``PackNetPlugin`` on a ``PackNetModel`` of the feature extractor 
 replay         ``ReplayPlugin``: ``mem_size`` 100 samples for the digits, 500 otherwise
                (experience-balanced buffer, a replay minibatch as large as the current one)
 spg+replay     both plugins (SPG's importance uses only the current experience's data)
+spg+lwf        ``LwFPlugin`` (as ``lwf``) and ``SPGPlugin`` on one strategy: LwF's distillation
+               term is part of the loss whose gradients SPG masks
 joint          ``JointTraining``: one model trained for the same epochs on the union of all
                tasks, evaluated per task (multitask upper bound; it has an ACC but no BWT)
 =============  ===============================================================================
@@ -120,6 +122,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("packnet", "PackNet iterative pruning", {"post_prune_epochs": 1}),
         MethodSpec("replay", "experience replay", {"mem_size": None}),
         MethodSpec("spg+replay", "SPG plus experience replay", {"mem_size": None}),
+        MethodSpec(
+            "spg+lwf", "SPG plus Learning without Forgetting", {"alpha": 1.0, "temperature": 2.0}
+        ),
         MethodSpec("joint", "joint training on all tasks (upper bound)", {}),
     )
 }
@@ -175,6 +180,8 @@ _SPG_KEYS = (
     "importance_max_samples",
     "mask",
     "reset_optimizer_state",
+    "head_rule",
+    "previous_heads",
 )
 
 
@@ -234,10 +241,12 @@ def build_strategy(method: str, ctx: StrategyContext, hp: dict[str, Any]) -> Any
         from avalanche.training.plugins import MASPlugin
 
         plugins.append(MASPlugin(lambda_reg=hp["lambda_reg"], alpha=hp["alpha"]))
-    elif method == "lwf":
+    elif method in ("lwf", "spg+lwf"):
         from avalanche.training.plugins import LwFPlugin
 
         plugins.append(LwFPlugin(alpha=hp["alpha"], temperature=hp["temperature"]))
+        if method == "spg+lwf":
+            plugins.append(_spg_plugin(hp))
     elif method == "packnet":
         from avalanche.models.packnet import PackNetPlugin
 

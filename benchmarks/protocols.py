@@ -35,7 +35,10 @@ __all__ = [
     "PROTOCOLS",
     "Protocol",
     "PAPER_DROPOUT",
+    "BACKBONES",
+    "backbone_description",
     "make_backbone",
+    "resolve_backbone",
     "protocol_settings",
 ]
 
@@ -101,20 +104,70 @@ def protocol_settings(
     raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
 
 
+BACKBONES = ("auto", "mlp", "alexnet", "resnet")
+
+
+def resolve_backbone(backbone: str, protocol: str, input_shape: Sequence[int]) -> str:
+    """The concrete backbone (``mlp``, ``alexnet`` or ``resnet``) that ``backbone`` names.
+
+    ``auto`` is the protocol's own choice: the MLP for the 8x8 digits (too small for the
+    AlexNet-like convolutions) and, under ``quick``, for the one-channel 28x28 images; the
+    AlexNet-like CNN otherwise.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+    channels, height = int(input_shape[0]), int(input_shape[1])
+    if backbone == "auto":
+        if height < 10 or (protocol == "quick" and channels == 1):
+            return "mlp"
+        return "alexnet"
+    if backbone == "alexnet" and height < 10:
+        raise ValueError(
+            f"the AlexNet-like backbone needs images of at least 10x10; this benchmark's are "
+            f"{height}x{height}: use --backbone mlp"
+        )
+    return backbone
+
+
+def backbone_description(backbone: str, protocol: str, input_shape: Sequence[int]) -> str:
+    """The backbone in words, for settings and tables (mirrors :func:`make_backbone`)."""
+    kind = resolve_backbone(backbone, protocol, input_shape)
+    n_inputs = int(math.prod(input_shape))
+    if kind == "mlp":
+        small = int(input_shape[1]) < 10 and protocol == "quick"
+        return f"MLP {n_inputs}-{'64-64' if small else '256-256'}"
+    if kind == "alexnet":
+        if protocol == "quick":
+            return "AlexNet-like (512 hidden, no dropout)"
+        return "AlexNet-like (2048 hidden, paper dropout)"
+    return "MTSlimResNet18 (nf 20, BatchNorm; inputs padded to 32x32, 3 channels)"
+
+
 def make_backbone(
-    protocol: str, benchmark: str, input_shape: Sequence[int], n_classes: int
+    protocol: str,
+    benchmark: str,
+    input_shape: Sequence[int],
+    n_classes: int,
+    backbone: str = "auto",
 ) -> nn.Module:
-    """The multi-head backbone of ``protocol`` for a benchmark (heads sized ``n_classes``)."""
+    """The multi-head backbone of ``protocol`` for a benchmark (heads sized ``n_classes``).
+
+    ``backbone``: ``auto`` (the protocol's choice, see :func:`resolve_backbone`), ``mlp``,
+    ``alexnet`` or ``resnet`` (Avalanche's ``MTSlimResNet18``, a BatchNorm ResNet).
+    """
     from avalanche_spg.models import AlexNetLike, MultiHeadMLP
 
-    channels, height = int(input_shape[0]), int(input_shape[1])
+    kind = resolve_backbone(backbone, protocol, input_shape)
     n_inputs = int(math.prod(input_shape))
-    if height < 10:  # the 8x8 digits: too small for the AlexNet-like convolutions
-        hidden = (64, 64) if protocol == "quick" else (256, 256)
+    if kind == "mlp":
+        small = int(input_shape[1]) < 10 and protocol == "quick"
+        hidden = (64, 64) if small else (256, 256)
         return MultiHeadMLP(n_inputs, hidden, initial_out_features=n_classes)
+    if kind == "resnet":
+        from benchmarks._resnet import SlimResNetBackbone
+
+        return SlimResNetBackbone(input_shape, n_classes)
     if protocol == "quick":
-        if channels == 1:
-            return MultiHeadMLP(n_inputs, (256, 256), initial_out_features=n_classes)
         return AlexNetLike(
             tuple(input_shape), drop1=0.0, drop2=0.0, hidden=512, initial_out_features=n_classes
         )

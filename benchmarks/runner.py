@@ -33,7 +33,7 @@ from benchmarks.data import TaskStream, make_benchmark
 from benchmarks.methods import StrategyContext, build_strategy
 from benchmarks.metrics import summarize_matrix
 from benchmarks.plugins import PlateauEarlyStopping, ProgressPlugin, TensorDataPlugin
-from benchmarks.protocols import Protocol, make_backbone
+from benchmarks.protocols import Protocol, backbone_description, make_backbone
 
 __all__ = ["RunSpec", "run_one", "seed_everything"]
 
@@ -59,6 +59,8 @@ class RunSpec:
     #: Processes training this run data-parallel (``torchrun``); each takes an equal share of
     #: every minibatch.
     world_size: int = 1
+    #: ``auto``, ``mlp``, ``alexnet`` or ``resnet`` (:func:`benchmarks.protocols.make_backbone`).
+    backbone: str = "auto"
 
 
 def seed_everything(seed: int) -> None:
@@ -181,10 +183,12 @@ def run_one(
         from benchmarks._class_incremental import make_class_backbone
 
         model = make_class_backbone(
-            protocol.name, spec.benchmark, stream.input_shape, stream.max_classes
+            protocol.name, spec.benchmark, stream.input_shape, stream.max_classes, spec.backbone
         )
     else:
-        model = make_backbone(protocol.name, spec.benchmark, stream.input_shape, stream.max_classes)
+        model = make_backbone(
+            protocol.name, spec.benchmark, stream.input_shape, stream.max_classes, spec.backbone
+        )
     first_plugins: list[Any] = []
     if protocol.plateau:
         validation = {
@@ -333,6 +337,7 @@ def run_one(
         "resumed_from_task": start,
         "stream": stream.description,
         "model": type(model).__name__,
+        "backbone": backbone_description(spec.backbone, protocol.name, stream.input_shape),
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
         "device": str(spec.device),
         "environment": _environment(),

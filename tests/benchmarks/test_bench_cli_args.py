@@ -3,6 +3,8 @@ list the valid names, hyperparameter overrides, the run directory's settings gua
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,9 @@ def test_unknown_method_lists_the_valid_ones(capsys: pytest.CaptureFixture[str])
         (["--hparam", "ewc.lambda=3"], "ewc has no hyperparameter 'lambda'"),
         (["--hparam", "foo.x=1"], "unknown method 'foo'"),
         (["--hparam", "ewc_lambda=3"], "METHOD.NAME=VALUE"),
+        (["--backbone", "vgg"], "invalid choice"),
+        (["--backbone", "alexnet"], "needs images of at least 10x10"),
+        (["--scenario", "class", "--backbone", "resnet"], "task scenario"),
     ],
 )
 def test_bad_values_are_rejected(
@@ -122,3 +127,25 @@ def test_report_on_a_directory_that_is_not_a_run(
 ) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "not a benchmark run directory" in capsys.readouterr().err
+
+
+def test_backbone_is_a_setting_and_auto_keeps_the_committed_settings() -> None:
+    parser = build_parser()
+    paper = resolve_settings(
+        parser.parse_args(["--benchmark", "perm-fmnist", "--protocol", "paper"])
+    )
+    mlp = resolve_settings(
+        parser.parse_args(
+            ["--benchmark", "perm-fmnist", "--protocol", "paper", "--backbone", "mlp"]
+        )
+    )
+    assert paper["backbone"].startswith("AlexNet-like") and mlp["backbone"] == "MLP 784-256-256"
+    assert settings_hash(paper) != settings_hash(mlp)
+    # Every committed run directory is reproduced by its own command, unchanged (auto backbone).
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    configs = sorted(root.glob("*/config.json"))
+    assert configs
+    for path in configs:
+        config = json.loads(path.read_text())
+        argv = shlex.split(config["commands"][0])[3:]  # after "python -m benchmarks"
+        assert resolve_settings(parser.parse_args(argv)) == config["settings"], path

@@ -213,3 +213,44 @@ def test_tensor_minibatches_cover_the_experience_once_per_epoch() -> None:
     strategy = _strategy(stream, [tensors, Count()], epochs=2)
     strategy.train(make_benchmark(stream).train_stream[2])
     assert sum(seen) == 2 * 50 and max(seen) == 16
+
+
+def test_backbone_option_picks_the_network_and_auto_is_the_protocols_choice() -> None:
+    from benchmarks.protocols import backbone_description, resolve_backbone
+
+    for protocol in ("quick", "paper"):
+        for shape in ((1, 8, 8), (1, 28, 28), (3, 32, 32)):
+            auto = make_backbone(protocol, "b", shape, 2)
+            if protocol == "paper" and shape == (1, 28, 28):
+                assert isinstance(auto, AlexNetLike)
+            assert type(auto) is type(make_backbone(protocol, "b", shape, 2, "auto"))
+    mlp = make_backbone("paper", "split-fmnist", (1, 28, 28), 2, "mlp")
+    assert isinstance(mlp, MultiHeadMLP)
+    assert [m.out_features for m in mlp.features if isinstance(m, torch.nn.Linear)] == [256, 256]
+    assert backbone_description("mlp", "paper", (1, 28, 28)) == "MLP 784-256-256"
+    assert isinstance(
+        make_backbone("quick", "split-fmnist", (1, 28, 28), 2, "alexnet"), AlexNetLike
+    )
+    with pytest.raises(ValueError, match="8x8"):
+        resolve_backbone("alexnet", "paper", (1, 8, 8))
+    with pytest.raises(ValueError, match="'vgg'"):
+        resolve_backbone("vgg", "paper", (1, 28, 28))
+
+
+def test_resnet_backbone_is_avalanches_batchnorm_resnet_on_padded_images() -> None:
+    from avalanche.models import MTSlimResNet18
+
+    from benchmarks._resnet import SlimResNetBackbone
+
+    net = make_backbone("quick", "split-fmnist", (1, 28, 28), 2, "resnet")
+    assert isinstance(net, SlimResNetBackbone) and isinstance(net.net, MTSlimResNet18)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    x = torch.rand(4, 1, 28, 28)
+    net.eval()
+    out = net(x, torch.zeros(4, dtype=torch.long))
+    assert out.shape == (4, 2)
+    # The wrapper only pads and repeats channels: the same logits as the network itself.
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+    assert torch.equal(net.forward_single_task(x, 0), net.net(padded, 0))
+    with pytest.raises(ValueError, match="up to 32x32"):
+        SlimResNetBackbone((1, 64, 64), 2)
