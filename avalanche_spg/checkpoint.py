@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,14 +105,63 @@ def maybe_load_checkpoint(
     """Load ``fname`` into ``strategy`` if it exists; return ``(strategy, next experience index)``.
 
     Same contract as ``avalanche.checkpointing.maybe_load_checkpoint`` (0 when there is no
-    file). Every rank may load the same file.
+    file). Every rank may load the same file. All or nothing: a file that is empty, truncated,
+    not a checkpoint, or otherwise unreadable raises ``ValueError`` naming the file and the
+    problem, and leaves ``strategy`` as it was.
     """
     from avalanche.checkpointing import maybe_load_checkpoint as avalanche_load
 
-    with optim_submodules_visible():
-        return avalanche_load(
-            strategy, fname, map_location=map_location, unique_objects=unique_objects
+    if isinstance(fname, (str, os.PathLike)) and not os.path.exists(fname):
+        return strategy, 0
+    # Avalanche copies the saved strategy's attributes onto the one it is given, then reads
+    # the experience counter: given a blank stand-in, nothing of ``strategy`` is touched
+    # unless the whole checkpoint could be read.
+    loaded = _Attributes()
+    try:
+        with optim_submodules_visible():
+            _, next_experience = avalanche_load(
+                loaded, fname, map_location=map_location, unique_objects=unique_objects
+            )
+    except Exception as error:
+        raise ValueError(
+            f"cannot load checkpoint {_name(fname)}: {_problem(fname, error)}"
+        ) from error
+    if isinstance(next_experience, bool) or not isinstance(next_experience, int):
+        raise ValueError(
+            f"cannot load checkpoint {_name(fname)}: it is not a checkpoint written by "
+            f"save_checkpoint (its experience counter is {next_experience!r})"
         )
+    strategy.__dict__.update(vars(loaded))
+    return strategy, next_experience
+
+
+class _Attributes:
+    """A blank object that receives the attributes of a loaded strategy."""
+
+
+def _name(fname: Any) -> str:
+    return os.fspath(fname) if isinstance(fname, (str, os.PathLike)) else repr(fname)
+
+
+def _problem(fname: Any, error: Exception) -> str:
+    """What is wrong with a checkpoint file that could not be loaded, in words."""
+    detail = f"{type(error).__name__}: {error}"
+    if isinstance(fname, (str, os.PathLike)) and os.path.isfile(fname):
+        if os.path.getsize(fname) == 0:
+            return "the file is empty"
+        if not _starts_like_a_torch_file(fname):
+            return f"it is not a checkpoint (not a file written by torch.save; {detail})"
+        if not zipfile.is_zipfile(fname):
+            return f"the file is truncated (the end of its archive is missing; {detail})"
+    if isinstance(error, (KeyError, AttributeError, TypeError)):
+        return f"it is not a checkpoint written by save_checkpoint ({detail})"
+    return f"the checkpoint cannot be restored here ({detail})"
+
+
+def _starts_like_a_torch_file(fname: str | os.PathLike[str]) -> bool:
+    """Whether the file begins as ``torch.save`` files do (a zip archive's first entry)."""
+    with open(fname, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 def find_plugin(strategy: Any, plugin_type: type[T]) -> T:

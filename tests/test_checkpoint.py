@@ -130,3 +130,49 @@ def test_maybe_load_checkpoint_without_a_file_starts_at_zero(tmp_path: Path) -> 
     strategy = make_naive(make_mlp(), [SPGPlugin()])
     same, start = maybe_load_checkpoint(strategy, tmp_path / "missing.pkl")
     assert same is strategy and start == 0
+
+
+# ------------------------------------------------------------- files that are not checkpoints
+def _truncated(path: Path, trained: Any) -> None:
+    save_checkpoint(trained, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _text(path: Path, trained: Any) -> None:
+    path.write_text("results: accuracy 0.9\n")
+
+
+def _empty(path: Path, trained: Any) -> None:
+    path.write_bytes(b"")
+
+
+def _other_torch_file(path: Path, trained: Any) -> None:
+    torch.save({"model": trained.model.state_dict()}, path)
+
+
+@pytest.mark.parametrize(
+    "write,problem",
+    [
+        (_truncated, "truncated"),
+        (_text, "not a checkpoint"),
+        (_empty, "empty"),
+        (_other_torch_file, "not a checkpoint"),
+    ],
+    ids=["truncated", "text", "empty", "other-torch-file"],
+)
+def test_a_file_that_is_not_a_checkpoint_gives_an_error_naming_file_and_problem(
+    trained_strategy: Any, tmp_path: Path, write: Any, problem: str
+) -> None:
+    trained, _ = trained_strategy
+    ckpt = tmp_path / "run" / "ckpt.pkl"
+    ckpt.parent.mkdir()
+    write(ckpt, trained)
+    strategy = make_naive(make_mlp(seed=3), [SPGPlugin()])
+    attributes = dict(vars(strategy))
+    with pytest.raises(ValueError, match=problem) as info:
+        maybe_load_checkpoint(strategy, ckpt)
+    assert str(ckpt) in str(info.value)
+    # nothing of the strategy was replaced
+    assert set(vars(strategy)) == set(attributes)
+    assert all(vars(strategy)[k] is v for k, v in attributes.items())
