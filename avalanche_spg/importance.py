@@ -24,7 +24,11 @@ __all__ = [
     "accumulate_importance",
     "head_scale",
     "fit_to_shape",
+    "float64_device",
 ]
+
+#: Device types without float64 support.
+_NO_FLOAT64 = frozenset({"mps"})
 
 
 def is_usable_gradient(grad: Tensor | None) -> bool:
@@ -125,6 +129,11 @@ def accumulate_importance(
     return accumulated
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """``device`` if it computes in float64, else the CPU (Apple's MPS has no float64)."""
+    return torch.device("cpu") if device.type in _NO_FLOAT64 else device
+
+
 def head_scale(importance: Mapping[str, Tensor]) -> float:
     """The scalar applied to head gradients: ``1 - mean(all elements of all A tensors)``.
 
@@ -134,6 +143,9 @@ def head_scale(importance: Mapping[str, Tensor]) -> float:
     total = 0.0
     count = 0
     for value in importance.values():
+        # Summed in float64 for an exact mean over millions of elements; a device without
+        # float64 (Apple's MPS) hands its tensor to the CPU for this once-per-experience sum.
+        value = value.detach().to(float64_device(value.device))
         total += float(value.double().sum())
         count += value.numel()
     if count == 0:

@@ -19,12 +19,15 @@ optimizer (momentum, weight decay, Adam).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MaskSet"]
+from avalanche_spg.importance import fit_to_shape
+
+__all__ = ["MaskSet", "align_importance", "build_mask_set"]
 
 
 @dataclass
@@ -139,3 +142,70 @@ class MaskSet:
 
     def _update_params(self) -> list[nn.Parameter]:
         return [*self.feature_params, *self.head_params]
+
+
+def align_importance(
+    importance: Mapping[str, Tensor], params: Mapping[str, nn.Parameter]
+) -> dict[str, Tensor]:
+    """``importance`` fitted to the parameters it masks, as a new dict (the input is unchanged).
+
+    The entry of every parameter in ``params`` moves to the parameter's device and, if the
+    parameter grew since the importance was computed (a layer that gained units, a grown
+    ``IncrementalClassifier``), is zero-padded to its shape: the new part is fully plastic.
+    Entries of names not in ``params`` are kept as they are.
+
+    :raises ValueError: naming every parameter and both shapes, before anything is computed,
+        if an entry does not fit its parameter: a parameter that is smaller than its importance
+        in some dimension (cropping would silently drop what earlier tasks needed) or whose
+        number of dimensions changed.
+    """
+    misfits = [
+        f"{name!r}: importance {tuple(importance[name].shape)}, parameter {tuple(param.shape)}"
+        for name, param in params.items()
+        if name in importance
+        and (
+            importance[name].dim() != param.dim()
+            or any(a > b for a, b in zip(importance[name].shape, param.shape))
+        )
+    ]
+    if misfits:
+        raise ValueError(
+            "SPG importance does not fit the model's parameters (it can follow a parameter "
+            "that grows, not one that shrinks or changes its number of dimensions): "
+            + "; ".join(misfits)
+        )
+    aligned = dict(importance)
+    for name, param in params.items():
+        value = importance.get(name)
+        if value is not None:
+            aligned[name] = fit_to_shape(value, param.shape).to(param.device)
+    return aligned
+
+
+def build_mask_set(
+    importance: Mapping[str, Tensor],
+    feature_params: Mapping[str, nn.Parameter],
+    head_params: Mapping[str, nn.Parameter],
+    head_scale: float,
+    clip_head_norm: float | None,
+) -> MaskSet:
+    """The masks of one experience from importance aligned by :func:`align_importance`.
+
+    Every feature parameter with an importance entry gets the factor ``1 - A`` in its dtype; one
+    without (it appeared after the last importance pass) has importance 0 and is not masked.
+    """
+    masked: list[nn.Parameter] = []
+    factors: list[Tensor] = []
+    for name, param in feature_params.items():
+        value = importance.get(name)
+        if value is None:
+            continue
+        masked.append(param)
+        factors.append((1.0 - value).to(param.dtype))
+    return MaskSet(
+        feature_params=masked,
+        feature_factors=factors,
+        head_params=list(head_params.values()),
+        head_scale=head_scale,
+        clip_head_norm=clip_head_norm,
+    )

@@ -11,21 +11,28 @@ Where things happen:
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from avalanche_spg.class_incremental import compute_gamma_class_incremental
-from avalanche_spg.importance import fit_to_shape, head_scale, max_accumulate
-from avalanche_spg.importance_pass import ImportanceMethod, compute_gamma
-from avalanche_spg.masking import MaskSet
+from avalanche_spg.importance import head_scale, max_accumulate
+from avalanche_spg.importance_pass import (
+    ImportanceMethod,
+    avalanche_convention,
+    compute_gamma,
+    find_multihead_classifier,
+)
+from avalanche_spg.masking import MaskSet, align_importance, build_mask_set
 
 __all__ = ["SPGPlugin", "SPGOptimizerWarning", "HeadSelector", "unwrap_model"]
 
@@ -87,7 +94,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         no importance). ``None`` (default): every parameter inside an Avalanche
         ``MultiHeadClassifier`` or ``IncrementalClassifier``. A sequence of module names selects
         the parameters inside those modules; a callable ``(name, param) -> bool`` decides per
-        parameter. Every other trainable parameter is a feature parameter.
+        parameter. Every other trainable parameter is a feature parameter; a selection that
+        leaves none is refused when training starts (SPG would protect nothing).
     :param clip_head_grad_norm: clip the head gradients' total norm to this value before scaling
         them, as the reference code does (``1e4``; a safety net that rarely fires). ``None``
         disables it.
@@ -190,7 +198,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             raise ValueError(f"head_rule must be 'mean' or 'none', got {head_rule!r}")
         if mask not in ("grad", "update"):
             raise ValueError(f"mask must be 'grad' or 'update', got {mask!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
 
         self.heads = heads
@@ -222,6 +230,12 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self._warned_unknown = False
         self._iterations_this_exp = 0
         self._updates_this_exp = 0
+        # The step guard: an optimizer step pre-hook that refuses a step not preceded by
+        # before_update, registered for the duration of each experience.
+        self._update_pending = False
+        self._step_guard: RemovableHandle | None = None
+        self._guarded_optimizer: Any = None
+        self._masks_stale = False  # state loaded during an experience: rebuild the masks
 
     # ------------------------------------------------------------------ public state
     @property
@@ -255,26 +269,22 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned. Values must lie in ``[0, 1]``."""
-        version = state.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(f"unsupported SPGPlugin state version {version!r}")
-        importance = {}
-        for name, value in state["importance"].items():
-            tensor = torch.as_tensor(value).detach().float().clone()
-            if (
-                not bool(torch.isfinite(tensor).all())
-                or bool((tensor < 0).any())
-                or bool((tensor > 1).any())
-            ):
-                raise ValueError(f"importance of {name!r} must be finite and in [0, 1]")
-            importance[name] = tensor
+        """Restore what :meth:`state_dict` returned, all or nothing.
+
+        Every entry is checked before anything is replaced: a missing, unknown or malformed
+        entry, or importance outside ``[0, 1]``, raises ``ValueError`` naming it and leaves the
+        plugin as it was. Whether the importance fits the model's parameters (it may be smaller
+        than a parameter that grew, never larger) is checked when the next experience starts,
+        before its first step.
+        """
+        importance, seen_tasks, class_groups, experiences_seen = _checked_state(state)
         self._importance = importance
-        self._seen_tasks = [int(t) for t in state["seen_tasks"]]
-        self._class_groups = [[int(c) for c in g] for g in state.get("class_groups", [])]
-        self._experiences_seen = int(state["experiences_seen"])
+        self._seen_tasks = seen_tasks
+        self._class_groups = class_groups
+        self._experiences_seen = experiences_seen
         self._head_scale = self._applied_head_scale()
         self._masks = None
+        self._masks_stale = True  # loaded during an experience: the next update rebuilds them
 
     # ------------------------------------------------------------------ partition
     def split_parameters(
@@ -317,13 +327,27 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self.split_parameters(strategy.model)
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        """Fix ``1 - A`` and the head scale for this experience, on the parameters' device."""
+        """Check that the model fits the plugin's state, fix ``1 - A`` and the head scale for
+        this experience on the parameters' device, and guard the optimizer's steps."""
         self._iterations_this_exp = 0
         self._updates_this_exp = 0
-        if self.reset_optimizer_state:
-            strategy.optimizer.state.clear()
-        if self.warn_optimizer and not self._warned_optimizer and self.mask == "grad":
-            reason = _approximate_masking_reason(strategy.optimizer)
+        self._update_pending = False
+        self._unguard_steps()
+        # Everything that could fail runs before anything changes: the model's heads, then
+        # the masks (which check that the importance fits the parameters).
+        self._check_previous_heads(strategy)
+        self._masks = self._build_masks(strategy.model)
+        self._masks_stale = False
+        optimizer = strategy.optimizer  # None for strategies without one (StreamingLDA)
+        if self.reset_optimizer_state and optimizer is not None:
+            optimizer.state.clear()
+        if (
+            self.warn_optimizer
+            and not self._warned_optimizer
+            and self.mask == "grad"
+            and optimizer is not None
+        ):
+            reason = _approximate_masking_reason(optimizer)
             if reason is not None:
                 self._warned_optimizer = True
                 warnings.warn(
@@ -334,11 +358,17 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                     SPGOptimizerWarning,
                     stacklevel=2,
                 )
-        self._masks = self._build_masks(strategy.model)
+        self._guard_steps(strategy)
 
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Scale the gradients (``mask='grad'``) or remember the parameters (``'update'``)."""
         self._updates_this_exp += 1
+        self._update_pending = True
+        if strategy.optimizer is not self._guarded_optimizer:
+            self._guard_steps(strategy)  # a plugin replaced the optimizer during the experience
+        if self._masks_stale:
+            self._masks = self._build_masks(strategy.model)
+            self._masks_stale = False
         masks = self._masks
         if masks is None:
             return
@@ -353,17 +383,23 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             self._masks.mask_updates()
 
     def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        """Count iterations, to detect a strategy that skipped ``before_update``."""
+        """Check that every iteration called ``before_update``.
+
+        The step guard already refuses an unmasked step of the optimizer; this catches a
+        strategy that updates the model some other way (an optimizer without step hooks).
+        """
         self._iterations_this_exp += 1
-        if self._iterations_this_exp == 1 and self._updates_this_exp == 0:
+        if self._updates_this_exp < self._iterations_this_exp:
             raise RuntimeError(
-                f"SPGPlugin: {type(strategy).__name__} finished a training iteration without "
-                "calling before_update; SPG's masks would silently do nothing. Use a strategy "
-                "based on Avalanche's SGDUpdate (Naive, Replay, EWC, ...)."
+                f"SPGPlugin: {type(strategy).__name__} finished training iteration "
+                f"{self._iterations_this_exp - 1} of this experience without calling "
+                "before_update; SPG's masks would silently do nothing. Use a strategy based on "
+                "Avalanche's SGDUpdate (Naive, Replay, EWC, ...)."
             )
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Compute this experience's importance and fold it into ``A`` (Section 3.1)."""
+        self._unguard_steps()
         self._masks = None  # frees the factor buffers between experiences
         experience = strategy.experience
         current = [int(t) for t in getattr(experience, "task_labels", [0])]
@@ -385,11 +421,9 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         return head_scale(self._importance) if self.head_rule == "mean" else 1.0
 
     def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
-        model = unwrap_model(strategy.model)
-        # The pass runs in train mode (dropout active, as in the paper); normalisation layers
-        # would update their running statistics there, so they are put back afterwards.
-        with _normalisation_buffers_preserved(model):
-            return self._run_importance_pass(strategy, model, current)
+        # The pass leaves the model as it found it (flags, normalisation statistics, every
+        # buffer and plain attribute): compute_gamma restores them itself.
+        return self._run_importance_pass(strategy, unwrap_model(strategy.model), current)
 
     def _run_importance_pass(
         self, strategy: Any, model: nn.Module, current: list[int]
@@ -407,6 +441,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             )
         # Under DDP each optimizer step averages train_mb_size samples from every process.
         reference_batch = self.importance_batch_size or strategy.train_mb_size * _world_size()
+        # The model is called as Avalanche's training calls it (avalanche_forward).
+        forward, task_aware = avalanche_convention(model)
         if self.class_incremental:
             return compute_gamma_class_incremental(
                 model,
@@ -418,6 +454,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 device=strategy.device,
                 batch_size=reference_batch,
                 num_workers=self.num_workers,
+                forward=forward,
             )
         total = len(dataset)
         indices: list[int] | None = None
@@ -430,7 +467,8 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             dataset,
             features,
             current,
-            self._seen_tasks if self.previous_heads else [],
+            # A model without task heads has no older heads to protect.
+            self._seen_tasks if self.previous_heads and task_aware else [],
             device=strategy.device,
             reference_batch_size=reference_batch,
             method=self.importance_method,
@@ -439,10 +477,81 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             total_samples=total,
             grad_reducer=reducer,
             num_workers=self.num_workers,
+            forward=forward,
+            classifier=find_multihead_classifier(model),
         )
+
+    def _guard_steps(self, strategy: Any) -> None:
+        """Refuse every step of ``strategy.optimizer`` not preceded by ``before_update``.
+
+        A step pre-hook checks a flag that ``before_update`` sets and each step consumes: one
+        Python comparison per step, no tensor work, so an unmasked step is refused before it
+        changes any parameter, on every iteration. Removed when the experience ends.
+        """
+        self._unguard_steps()
+        optimizer = strategy.optimizer
+        self._guarded_optimizer = optimizer
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        if register is not None:
+            self._step_guard = register(
+                functools.partial(self._check_step, type(strategy).__name__)
+            )
+
+    def _unguard_steps(self) -> None:
+        if self._step_guard is not None:
+            self._step_guard.remove()
+        self._step_guard = None
+        self._guarded_optimizer = None
+
+    def _check_step(self, strategy_name: str, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._update_pending:
+            raise RuntimeError(
+                f"SPGPlugin: {strategy_name} called optimizer.step() without calling "
+                "before_update first; the step was refused, since it would have moved the "
+                "parameters without SPG's masks. Use a strategy based on Avalanche's SGDUpdate "
+                "(Naive, Replay, EWC, ...)."
+            )
+        self._update_pending = False
+
+    def _check_previous_heads(self, strategy: Any) -> None:
+        """Refuse, before training, a model that lacks the head of a task trained earlier.
+
+        The importance pass after this experience back-propagates every earlier head's logits
+        (Section 3.1); without the head it could only fail once the experience has trained.
+        Checked on Avalanche's ``MultiHeadClassifier`` (the heads other models keep are not
+        known).
+        """
+        from avalanche.models import MultiHeadClassifier, MultiTaskModule
+
+        model = unwrap_model(strategy.model)
+        if self.class_incremental or not self.previous_heads:
+            return
+        if not isinstance(model, MultiTaskModule):
+            return
+        experience = getattr(strategy, "experience", None)
+        current = {int(t) for t in getattr(experience, "task_labels", [0])}
+        needed = [t for t in self._seen_tasks if t not in current]
+        for name, module in model.named_modules():
+            if not isinstance(module, MultiHeadClassifier):
+                continue
+            missing = [t for t in needed if str(t) not in module.classifiers]
+            if missing:
+                raise ValueError(
+                    f"SPGPlugin: tasks {missing} were trained earlier (seen_tasks "
+                    f"{self._seen_tasks}) but the model's MultiHeadClassifier {name!r} has no "
+                    f"head for them (it has heads {sorted(module.classifiers, key=int)}); SPG's "
+                    "importance needs every earlier head. Restore the model together with "
+                    "the plugin's state."
+                )
 
     def _build_masks(self, model: nn.Module) -> MaskSet | None:
         features, heads = self.split_parameters(model)
+        if not features and not self.class_incremental:
+            raise ValueError(
+                "SPGPlugin: the model has no trainable feature parameter (the head selection "
+                f"heads={_shown(self.heads)} takes every trainable parameter), so SPG would "
+                "protect nothing. Select only the task heads as heads."
+            )
         if not self._importance:
             # First experience: nothing is masked (A = 0, s = 1); the reference still clips
             # head gradients on every task, so the clip alone stays active.
@@ -462,52 +571,105 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         if self.class_incremental:
             # Classifier rows carry their own importance: masked elementwise like features.
             features, heads = {**features, **heads}, {}
-        feature_params: list[nn.Parameter] = []
-        factors: list[Tensor] = []
-        for name, param in features.items():
-            value = self._importance.get(name)
-            if value is None:
-                continue  # a parameter that appeared later: importance 0, nothing to mask
-            if value.shape != param.shape:
-                if value.dim() != param.dim():
-                    raise ValueError(
-                        f"parameter {name!r} changed from shape {tuple(value.shape)} to "
-                        f"{tuple(param.shape)}; SPG can follow a tensor that grows, not one "
-                        "whose number of dimensions changes"
-                    )
-                # A grown tensor: its new part gets importance 0.
-                value = fit_to_shape(value, [max(a, b) for a, b in zip(value.shape, param.shape)])
-            value = value.to(param.device)
-            self._importance[name] = value  # kept on the parameter's device from now on
-            feature_params.append(param)
-            factors.append((1.0 - fit_to_shape(value, param.shape)).to(param.dtype))
+        # Fitted to the parameters (grown ones padded with 0) and kept on their device from
+        # now on; refused, with nothing changed, if some importance is larger than its tensor.
+        self._importance = align_importance(self._importance, features)
         self._head_scale = self._applied_head_scale()
-        return MaskSet(
-            feature_params=feature_params,
-            feature_factors=factors,
-            head_params=list(heads.values()),
-            head_scale=self._head_scale,
-            clip_head_norm=self.clip_head_grad_norm,
+        return build_mask_set(
+            self._importance, features, heads, self._head_scale, self.clip_head_grad_norm
         )
 
 
-@contextmanager
-def _normalisation_buffers_preserved(model: nn.Module) -> Iterator[None]:
-    """Restore the buffers (running mean/var, batch counters) of normalisation layers on exit."""
-    from torch.nn.modules.batchnorm import _NormBase
+_REQUIRED_STATE_KEYS = ("version", "importance", "seen_tasks", "experiences_seen")
+_OPTIONAL_STATE_KEYS = ("class_groups",)
 
-    saved = [
-        (buffer, buffer.detach().clone())
-        for module in model.modules()
-        if isinstance(module, _NormBase)
-        for buffer in module.buffers(recurse=False)
-    ]
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _label(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (not a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
     try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _labels(key: str, value: Any) -> list[int]:
+    """A list of integer labels (``seen_tasks``, one class group) from a state entry."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"SPGPlugin state: {key} must be a list of ints, got {_shown(value)}")
+    labels = [_label(v) for v in value]
+    bad = [v for v, label in zip(value, labels) if label is None]
+    if bad:
+        raise ValueError(
+            f"SPGPlugin state: {key} must be a list of ints, got {_shown(bad[0])} in "
+            f"{_shown(value)}"
+        )
+    return [label for label in labels if label is not None]
+
+
+def _checked_state(state: Any) -> tuple[dict[str, Tensor], list[int], list[list[int]], int]:
+    """The entries of an ``SPGPlugin`` state, checked and converted, or ``ValueError``."""
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"SPGPlugin state must be a mapping from state_dict(), got {type(state).__name__}"
+        )
+    version = state.get("version")
+    if version != _STATE_VERSION:
+        raise ValueError(f"unsupported SPGPlugin state version {version!r}")
+    missing = [key for key in _REQUIRED_STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"SPGPlugin state lacks the entries {missing}")
+    unknown = [key for key in state if key not in _REQUIRED_STATE_KEYS + _OPTIONAL_STATE_KEYS]
+    if unknown:
+        raise ValueError(f"SPGPlugin state has unknown entries {unknown}")
+
+    entries = state["importance"]
+    if not isinstance(entries, Mapping):
+        raise ValueError(
+            f"SPGPlugin state: importance must map parameter names to tensors, got "
+            f"{_shown(entries)}"
+        )
+    importance: dict[str, Tensor] = {}
+    for name, value in entries.items():
+        if not isinstance(name, str):
+            raise ValueError(
+                f"SPGPlugin state: importance must be keyed by parameter names, got {name!r}"
+            )
+        try:
+            tensor = torch.as_tensor(value).detach().float().clone()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"SPGPlugin state: importance of {name!r} is not a tensor: {_shown(value)}"
+            ) from error
+        if (
+            not bool(torch.isfinite(tensor).all())
+            or bool((tensor < 0).any())
+            or bool((tensor > 1).any())
+        ):
+            raise ValueError(f"importance of {name!r} must be finite and in [0, 1]")
+        importance[name] = tensor
+
+    seen_tasks = _labels("seen_tasks", state["seen_tasks"])
+    groups = state.get("class_groups", [])
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise ValueError(
+            f"SPGPlugin state: class_groups must be a list of lists of ints, got {_shown(groups)}"
+        )
+    class_groups = [_labels("class_groups", group) for group in groups]
+    experiences_seen = _label(state["experiences_seen"])
+    if experiences_seen is None or experiences_seen < 0:
+        raise ValueError(
+            "SPGPlugin state: experiences_seen must be an int >= 0, got "
+            f"{_shown(state['experiences_seen'])}"
+        )
+    return importance, seen_tasks, class_groups, experiences_seen
 
 
 class _SubsetWithCollate(torch.utils.data.Dataset):

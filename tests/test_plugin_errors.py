@@ -40,6 +40,7 @@ from avalanche_spg import SPGOptimizerWarning, SPGPlugin
         ({"importance_max_samples": -1}, "-1"),
         ({"mask": "weights"}, "'weights'"),
         ({"num_workers": -1}, "-1"),
+        ({"num_workers": True}, "True"),
         ({"heads": "classifier"}, "'classifier'"),
         ({"heads": [1, 2]}, "[1, 2]"),
     ],
@@ -138,6 +139,55 @@ def test_a_strategy_that_never_fires_before_update_gets_a_clear_error(
         strategy.train(digits_til_small.train_stream[0])
 
 
+class _SkipsOneBeforeUpdate(Naive):
+    """Fires ``before_update`` on every iteration except one of a later experience, then steps
+    the optimizer anyway; remembers the parameters as they were before that step."""
+
+    skip_experience = 1
+    skip_iteration = 2  # within the experience, counted from 0
+    params_at_skip: dict[str, torch.Tensor] | None = None
+
+    def _before_update(self, **kwargs: Any) -> None:
+        if (
+            self.clock.train_exp_counter == self.skip_experience
+            and self.clock.train_exp_iterations == self.skip_iteration
+        ):
+            self.params_at_skip = snapshot_params(self.model)
+            return None
+        return super()._before_update(**kwargs)
+
+
+@pytest.mark.parametrize("mask", ["grad", "update"])
+def test_no_step_runs_unmasked_when_a_later_iteration_skips_before_update(
+    digits_til_small: Any, mask: str
+) -> None:
+    """The guard holds on every iteration, not only the first of an experience: the optimizer
+    step that follows a skipped ``before_update`` is refused before it changes anything."""
+    model = make_mlp()
+    plugin = SPGPlugin(mask=mask)  # type: ignore[arg-type]
+    strategy = make_naive(model, [plugin], strategy_cls=_SkipsOneBeforeUpdate)
+    strategy.train(digits_til_small.train_stream[0])
+    assert plugin.importance  # importance exists: an unmasked step would break SPG
+    with pytest.raises(RuntimeError, match="before_update") as info:
+        strategy.train(digits_til_small.train_stream[1])
+    assert "_SkipsOneBeforeUpdate" in str(info.value)
+    assert strategy.params_at_skip is not None  # the skip happened, at iteration 2
+    after = snapshot_params(model)
+    for name, value in strategy.params_at_skip.items():
+        assert torch.equal(after[name], value), name
+
+
+def test_the_step_guard_is_removed_after_each_experience(digits_til_small: Any) -> None:
+    """Between experiences (and after training) the optimizer carries no SPG hook, so the same
+    optimizer can be stepped freely outside of SPG's training."""
+    model = make_mlp()
+    strategy = make_naive(model, [SPGPlugin()])
+    strategy.train(digits_til_small.train_stream[0])
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    strategy.optimizer.step()  # no before_update: fine outside an experience
+
+
 # -------------------------------------------------------------------- optimizer honesty
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
@@ -173,6 +223,27 @@ def test_no_optimizer_warning_for_plain_sgd(digits_til_small: Any) -> None:
 
 def test_optimizer_warning_can_be_turned_off(digits_til_small: Any) -> None:
     assert _optimizer_warnings(digits_til_small, "adam", warn_optimizer=False) == []
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_strategy_without_an_optimizer_gets_no_optimizer_warning(reset: bool) -> None:
+    """``StreamingLDA`` has no optimizer (``None``): nothing to warn about, nothing to reset."""
+    from avalanche.training import StreamingLDA
+
+    plugin = SPGPlugin(reset_optimizer_state=reset)
+    strategy = StreamingLDA(
+        slda_model=nn.Sequential(nn.Linear(64, 8), nn.ReLU()),
+        criterion=nn.CrossEntropyLoss(),
+        input_size=8,
+        num_classes=10,
+        plugins=[plugin],
+        evaluator=quiet_evaluator(),
+    )
+    assert strategy.optimizer is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plugin.before_training_exp(strategy)
+    assert [w for w in caught if issubclass(w.category, SPGOptimizerWarning)] == []
 
 
 # ------------------------------------------------------------------- no task heads at all

@@ -214,3 +214,32 @@ def test_importance_zero_trains_exactly_like_naive(digits_til_small: Any) -> Non
     assert set(naive) == set(spg)
     for name in naive:
         assert torch.equal(spg[name], naive[name]), name
+
+
+def test_state_loaded_during_an_experience_masks_the_following_steps(
+    digits_til_small: Any,
+) -> None:
+    """``load_state_dict`` in the middle of an experience never leaves a step unmasked: the
+    next update uses the loaded importance (1 freezes a parameter under plain SGD, 0 not)."""
+    model = make_mlp()
+    plugin = SPGPlugin()
+    strategy = make_naive(model, [plugin])
+    strategy.train(digits_til_small.train_stream[0])
+    state = plugin.state_dict()
+    state["importance"] = {
+        "features.1.weight": torch.ones(16, 64),
+        "features.1.bias": torch.zeros(16),
+    }
+    at_load: dict[str, Tensor] = {}
+
+    def load_after_first_iteration(strategy: Any) -> None:
+        if strategy.clock.train_exp_iterations == 1 and not at_load:
+            plugin.load_state_dict(state)
+            at_load.update(snapshot_params(model))
+
+    strategy.plugins.append(CallbackProbe(after_training_iteration=load_after_first_iteration))
+    strategy.train(digits_til_small.train_stream[1])
+    assert at_load
+    after = snapshot_params(model)
+    assert torch.equal(after["features.1.weight"], at_load["features.1.weight"])
+    assert not torch.equal(after["features.1.bias"], at_load["features.1.bias"])
