@@ -621,7 +621,7 @@ def _checked_state(state: Any) -> tuple[dict[str, Tensor], list[int], list[list[
             f"SPGPlugin state must be a mapping from state_dict(), got {type(state).__name__}"
         )
     version = state.get("version")
-    if version != _STATE_VERSION:
+    if isinstance(version, bool) or version != _STATE_VERSION:
         raise ValueError(f"unsupported SPGPlugin state version {version!r}")
     missing = [key for key in _REQUIRED_STATE_KEYS if key not in state]
     if missing:

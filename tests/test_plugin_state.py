@@ -167,6 +167,7 @@ def test_load_state_dict_with_a_missing_key_changes_nothing(trained: Any, key: s
         ("importance", {"features.1.weight": "high"}, "features.1.weight"),
         ("importance", {3: torch.zeros(2)}, "3"),
         ("unexpected", 1, "unexpected"),
+        ("version", True, "True"),
     ],
 )
 def test_load_state_dict_rejects_a_bad_entry_and_changes_nothing(
