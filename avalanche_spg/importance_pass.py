@@ -74,9 +74,11 @@ inside it, or if the model's output is not the classifier's output on the captur
 (possibly padded with zero columns, as Avalanche's multi-task forward pads heads to a common
 width; a model that post-processes its logits is not), the fast pass runs one shared-batch
 forward per head instead (still feature-only gradients). That is also what it does with a
-single head (the first task), where there is no forward to share. The tap assumes that only
-the classifier depends on the task label (a model whose feature extractor is task-conditioned
-must be given ``classifier=None``).
+single head (the first task), where there is no forward to share. Sharing the features needs a
+feature extractor that does not depend on the task label (a progressive network's column per
+task does): before the first minibatch the fast pass checks that every head's call gives the
+classifier the same input on a few samples (same random numbers for each call), and falls back
+otherwise.
 
 Summed gradients are accumulated in float32 (float64 for a float64 model), whatever the model's
 dtype; ``gamma`` is float32.
@@ -130,6 +132,8 @@ _TARGET_PASS_BATCH = {"cpu": 128, "cuda": 512}
 #: With ``vectorize_heads``, at most this many cotangent rows (heads x samples) per batched
 #: backward call, which bounds the memory of the batched activation gradients.
 _MAX_BATCHED_ROWS = 4096
+#: Samples on which the fast pass checks that all heads see the same features.
+_PROBE_SAMPLES = 8
 #: Default bound on the bytes of the fast pass's per-head summed gradients held at once.
 DEFAULT_SUM_MEMORY_BUDGET = 2 * 1024**3
 
@@ -709,8 +713,12 @@ def _tapped_loop(
     vectorize = [vectorize_heads and len(heads) > 1]
     old = [(index, head) for index, head in enumerate(heads) if head is not None]
     handle = classifier.register_forward_pre_hook(tap)
+    probed = False
     try:
         for x, y, t, w, tasks in run.batches:
+            if not probed:
+                _probe_shared_features(run, tap, x, t, tasks[0], [head for _, head in old])
+                probed = True
             if exact_batches and len(tasks) > 1:
                 _mixed_minibatch(run, tap, heads, sums, old, (x, y, t, w), vectorize)
                 continue
@@ -734,6 +742,53 @@ def _tapped_loop(
             _feature_backward(features, cotangents, run.params, sums, vectorize)
     finally:
         handle.remove()
+
+
+def _probe_shared_features(
+    run: _Pass, tap: _Tap, x: Tensor, t: Tensor, task: int, old_heads: list[int]
+) -> None:
+    """Check that the classifier's input does not depend on the task label, on a few samples
+    labelled ``task`` and then each old head: the tap hands head ``j`` the features computed
+    for another head, which is only right if the feature extractor is shared (a progressive
+    network's column per task is not). Every call sees the same random numbers (dropout),
+    which are rewound afterwards, so the pass draws the same ones as without the probe.
+    Different: :class:`_TapMismatch`."""
+    if not old_heads:
+        return
+    xs, ts = x[:_PROBE_SAMPLES], t[:_PROBE_SAMPLES]
+    with _rewound_randomness(x.device) as rewind, torch.no_grad():
+        shared = None
+        for label in [task, *old_heads]:
+            rewind()
+            tap.captured.clear()
+            run.call(xs, torch.full_like(ts, label))
+            if len(tap.captured) != 1:
+                raise _TapMismatch
+            features = tap.captured.pop()
+            if shared is None:
+                shared = features
+            elif features.shape != shared.shape or not torch.allclose(
+                features, shared, rtol=1e-5, atol=1e-6
+            ):
+                raise _TapMismatch
+
+
+@contextmanager
+def _rewound_randomness(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields a function that puts the random number generators (CPU, and the CUDA device's)
+    back to their state on entry; they are put back on exit too."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    try:
+        yield rewind
+    finally:
+        rewind()
 
 
 def _mixed_minibatch(

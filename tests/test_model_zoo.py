@@ -21,6 +21,7 @@ import pytest
 import torch
 from avalanche.benchmarks import nc_benchmark
 from avalanche.models import (
+    PNN,
     MTSimpleCNN,
     MTSimpleMLP,
     MTSlimResNet18,
@@ -125,6 +126,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], bool]] = {
         lambda: PackNetModel(_no_dropout(SimpleMLP(2, 64, hidden_size=16, drop_rate=0.0))),
         False,
     ),
+    # One column per task: the features the classifier sees depend on the task label.
+    "PNN": (lambda: PNN(in_features=64, hidden_features_per_column=8), False),
 }
 
 
@@ -146,10 +149,12 @@ def _assert_close(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> Non
         assert diff <= TOL, f"{name}: max abs difference {diff:.3g}"
 
 
-def _assert_not_trivial(importance: dict[str, Tensor]) -> None:
-    """The comparison is not between zeros: every tensor got a real importance."""
+def _assert_not_trivial(importance: dict[str, Tensor], unreached: str | None = None) -> None:
+    """The comparison is not between zeros: every tensor got a real importance (except those
+    whose names contain ``unreached``: parameters the forward never uses)."""
     for name, value in importance.items():
-        assert float(value.max()) > 0.3, name
+        if unreached is None or unreached not in name:
+            assert float(value.max()) > 0.3, name
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -171,7 +176,8 @@ def test_importance_equals_the_reference_after_three_experiences(name: str) -> N
         gamma = reference_gamma(model, dataset, seen, task, MB, _features(model))
         reference_accumulate(expected, gamma)
         seen.append(task)
-    _assert_not_trivial(expected)
+    # A one-layer PNN has lateral adapters that its forward does not use.
+    _assert_not_trivial(expected, "adapter" if name == "PNN" else None)
     _assert_close(plugin.importance, expected)
 
 
