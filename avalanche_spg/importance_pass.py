@@ -385,12 +385,17 @@ class _Pass:
         state: ModelState,
         batches: _Batches,
         params: list[nn.Parameter],
+        old_heads: list[int],
     ) -> None:
         self.model = model
+        self.old_heads = old_heads
         self.forward = forward
         self.state = state
         self.batches = batches
         self.params = params
+        #: Whether the fast pass has checked that all heads see the same features (once per
+        #: pass, for every old head, whatever the grouping of the heads).
+        self.probed = False
 
     def call(self, x: Tensor, task_labels: Tensor) -> Tensor:
         """The model's output, called by the convention, on the state of the snapshot."""
@@ -514,7 +519,8 @@ def compute_gamma(
             num_workers=num_workers,
         )
         weights = reference_sample_weights(positions, reference_batch_size, n_total)
-        run = _Pass(model, forward, state, _Batches(loader, weights, device, default_task), params)
+        batches = _Batches(loader, weights, device, default_task)
+        run = _Pass(model, forward, state, batches, params, previous)
 
         def fold(head_sums: list[Tensor]) -> None:
             if grad_reducer is not None:
@@ -713,12 +719,11 @@ def _tapped_loop(
     vectorize = [vectorize_heads and len(heads) > 1]
     old = [(index, head) for index, head in enumerate(heads) if head is not None]
     handle = classifier.register_forward_pre_hook(tap)
-    probed = False
     try:
         for x, y, t, w, tasks in run.batches:
-            if not probed:
-                _probe_shared_features(run, tap, x, t, tasks[0], [head for _, head in old])
-                probed = True
+            if not run.probed:
+                _probe_shared_features(run, tap, x, t, tasks[0], run.old_heads)
+                run.probed = True
             if exact_batches and len(tasks) > 1:
                 _mixed_minibatch(run, tap, heads, sums, old, (x, y, t, w), vectorize)
                 continue

@@ -348,6 +348,52 @@ def test_pass_leaves_no_gradients_and_restores_flags() -> None:
     model.train()
 
 
+@pytest.mark.parametrize("kind", ["mlp", "alexnet"])
+def test_heads_in_groups_under_a_memory_budget_give_the_same_bits(kind: str) -> None:
+    """Long streams: the per-head summed gradients (one copy of the feature parameters per
+    head) are held for a group of heads at a time, one more forward per minibatch and group;
+    each head's sum comes from the same operations, so the result is the same bit for bit."""
+    model, stream = _setup(kind)
+    dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
+    per_head = sum(p.numel() * 4 for p in _features(model).values())  # float32 sums
+    forwards: list[int] = []
+    hook = model.features.register_forward_pre_hook(lambda m, a: forwards.append(len(a[0])))
+    try:
+        whole = _gamma(model, dataset, [3], [0, 1, 2], sum_memory_budget=None)
+        whole_forwards = sum(forwards)
+        _assert_not_trivial(whole)
+        for heads_per_group, groups in ((1, 4), (2, 2), (3, 2)):
+            forwards.clear()
+            grouped = _gamma(
+                model, dataset, [3], [0, 1, 2], sum_memory_budget=heads_per_group * per_head + 3
+            )
+            assert all(torch.equal(grouped[n], whole[n]) for n in whole)
+            # every group runs the data through the feature extractor once more
+            assert sum(forwards) - whole_forwards == (groups - 1) * N_SAMPLES
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="sum_memory_budget"):
+        _gamma(model, dataset, [3], [0, 1, 2], sum_memory_budget=0)
+
+
+def test_a_last_minibatch_element_that_is_not_task_labels_is_refused() -> None:
+    """Task labels are a minibatch's last element (as Avalanche reads them): anything that
+    cannot be per-sample labels gets an error naming what was found."""
+    model, stream = _setup("mlp")
+    items = _Indexed(stream[3].dataset.train(), 8).items
+
+    class _Weights(Dataset):
+        def __len__(self) -> int:
+            return len(items)
+
+        def __getitem__(self, index: int) -> Any:
+            x, y, t = items[index]
+            return x, y, t, 0.5  # a per-sample weight last: floats are no task labels
+
+    with pytest.raises(ValueError, match="last element.*torch.float"):
+        _gamma(model, _Weights(), [3], [0, 1, 2])
+
+
 def test_default_pass_batch_size_is_a_multiple_of_the_reference() -> None:
     assert default_pass_batch_size(64, "cpu") == 128
     assert default_pass_batch_size(48, "cpu") == 96
