@@ -128,6 +128,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--seeds",
-        type=int,
+        type=_seed,
         nargs="+",
         default=[0],
         metavar="SEED",
@@ -205,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD.NAME=VALUE",
         help="override a method hyperparameter, e.g. ewc.ewc_lambda=1000 or "
-        "spg.spg_mask='update' (repeatable)",
+        "spg.mask='update' (SPG's names are SPGPlugin's arguments; repeatable)",
     )
     train = parser.add_argument_group("training (defaults come from --protocol)")
     train.add_argument(
@@ -357,7 +367,12 @@ def _prepare_run_dir(
 ) -> dict[str, Any]:
     """Create or reuse ``out``; refuse a directory made with different settings."""
     config_path = out / "config.json"
-    if config_path.is_file():
+    # A directory with no run started yet (e.g. left by a command that failed early) takes the
+    # new settings instead of refusing them.
+    started = any((out / "runs").glob("*/seed*/*.json")) or any(
+        (out / "runs").glob("*/seed*/checkpoint.pkl")
+    )
+    if config_path.is_file() and started:
         config = read_json(config_path)
         if config.get("settings") != json.loads(json.dumps(settings)):
             old = config.get("settings", {})
@@ -392,6 +407,26 @@ def _resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} but CUDA is not available")
     return name
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot be used here (``None``: it can)."""
+    import torch
+
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device {name!r} is not a device name ('auto', 'cpu', 'cuda', 'cuda:1', ...)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name} but CUDA is not available"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {name} but there are {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type != "cpu":
+        return f"--device {name!r}: the suite runs on 'cpu' or 'cuda' devices"
+    return None
 
 
 def _init_processes(device: str) -> Any:
@@ -493,7 +528,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                 log(f"--- run {number}/{len(pending)}: {method}, seed {seed}")
                 hparams = method_hparams(method, args.benchmark, settings["hparam_overrides"])
                 if class_scenario and method.startswith("spg"):
-                    hparams["spg_class_incremental"] = True
+                    hparams["class_incremental"] = True
                 spec = RunSpec(
                     benchmark=args.benchmark,
                     method=method,
@@ -568,10 +603,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.seeds = list(dict.fromkeys(args.seeds))
     try:
         settings = resolve_settings(args)
     except ValueError as err:
         parser.error(str(err))
+    device_problem = _device_problem(args.device)
+    if device_problem:
+        parser.error(device_problem)
     if args.scenario == "class" and args.backbone == "resnet":
         parser.error("--backbone resnet is for the task scenario (use mlp or alexnet with class)")
     if args.scenario == "class":

@@ -42,6 +42,7 @@ the epochs and the backbone, so that only the continual-learning mechanism diffe
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -145,7 +146,13 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["ewc.ewc_lambda=100", ...]`` -> ``{"ewc": {"ewc_lambda": 100}}`` (validated)."""
+    """``["ewc.ewc_lambda=100", ...]`` -> ``{"ewc": {"ewc_lambda": 100}}``.
+
+    Names and values are validated here (before a run directory is touched): a value of the
+    wrong type or out of range raises ``ValueError`` naming it. SPG's hyperparameters are
+    :class:`avalanche_spg.SPGPlugin`'s own argument names (``spg.mask=update``), checked by the
+    plugin's constructor.
+    """
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -155,9 +162,7 @@ def parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         if method not in METHODS:
             raise ValueError(f"--hparam {item!r}: unknown method {method!r}")
         spec = METHODS[method]
-        allowed = set(spec.defaults) | (
-            {"spg_" + k for k in _SPG_KEYS} if "spg" in method else set()
-        )
+        allowed = set(spec.defaults) | (set(_SPG_KEYS) if "spg" in method else set())
         if name not in allowed:
             raise ValueError(
                 f"--hparam {item!r}: {method} has no hyperparameter {name!r}; "
@@ -167,11 +172,59 @@ def parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             value = raw.strip()
+        problem = _check_value(method, name, value)
+        if problem:
+            raise ValueError(f"--hparam {item!r}: {problem}")
         out.setdefault(method, {})[name] = value
     return out
 
 
-# SPGPlugin constructor arguments that --hparam may set as spg.spg_<name>.
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+#: Range checks of the baselines' hyperparameters: (test, what the value must be).
+_VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "ewc_lambda": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "si_lambda": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "lambda_reg": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "eps": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "temperature": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "mem_size": (lambda v: _positive_int(v), "an int >= 1"),
+    "post_prune_epochs": (lambda v: _positive_int(v), "an int >= 1"),
+}
+
+
+def _check_value(method: str, name: str, value: Any) -> str | None:
+    """Why ``value`` is not valid for ``method``'s hyperparameter ``name`` (``None``: valid)."""
+    if name in _SPG_KEYS and "spg" in method:
+        from avalanche_spg import SPGPlugin
+
+        try:
+            SPGPlugin(**{name: value})
+        except (ValueError, TypeError) as err:
+            return str(err)
+        return None
+    if name == "alpha":
+        # MAS: the weight of the new importance in a running average; LwF: a loss weight.
+        if method == "mas":
+            ok, what = _number(value) and 0 <= value <= 1, "a number in [0, 1]"
+        else:
+            ok, what = _number(value) and value >= 0, "a number >= 0"
+    else:
+        check = _VALUE_CHECKS.get(name)
+        if check is None:
+            return None
+        ok, what = check[0](value), check[1]
+    return None if ok else f"{name} must be {what}, got {value!r}"
+
+
+# SPGPlugin constructor arguments that --hparam may set as spg.<name> (also on spg+replay,
+# spg+lwf).
 _SPG_KEYS = (
     "clip_head_grad_norm",
     "importance_method",
@@ -183,6 +236,8 @@ _SPG_KEYS = (
     "head_rule",
     "previous_heads",
 )
+#: Set by the suite itself (``--scenario class``), not by ``--hparam``.
+_SPG_INTERNAL_KEYS = ("class_incremental",)
 
 
 def method_hparams(
@@ -200,8 +255,8 @@ def method_hparams(
 def _spg_plugin(hp: dict[str, Any]) -> Any:
     from avalanche_spg import SPGPlugin
 
-    kwargs = {k[len("spg_") :]: v for k, v in hp.items() if k.startswith("spg_")}
-    return SPGPlugin(**kwargs)
+    keys = (*_SPG_KEYS, *_SPG_INTERNAL_KEYS)
+    return SPGPlugin(**{k: v for k, v in hp.items() if k in keys})
 
 
 class _EqualShare:

@@ -1,6 +1,6 @@
 """The documented SPG variants (``head_rule``, ``previous_heads``): the defaults are the paper's
 method unchanged, and each variant does exactly what its documentation says; plus their
-reach from the benchmark suite (``--hparam spg.spg_head_rule=none``, ``spg+lwf``)."""
+reach from the benchmark suite (``--hparam spg.head_rule=none``, ``spg+lwf``)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_benchmark_hparams_reach_the_variants_and_spg_lwf_stacks_both_plugins() 
     from benchmarks.methods import StrategyContext, build_strategy, method_hparams, parse_hparams
 
     overrides = parse_hparams(
-        ["spg+lwf.spg_head_rule='none'", "spg+lwf.spg_previous_heads=False", "spg+lwf.alpha=0.5"]
+        ["spg+lwf.head_rule='none'", "spg+lwf.previous_heads=False", "spg+lwf.alpha=0.5"]
     )
     hp = method_hparams("spg+lwf", "split-digits", overrides)
     ctx = StrategyContext(

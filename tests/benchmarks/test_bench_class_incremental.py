@@ -91,5 +91,5 @@ def test_class_scenario_end_to_end(tmp_path: Path) -> None:
         assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
         assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
     spg = json.loads((out / "runs" / "spg" / "seed0" / "result.json").read_text())
-    assert spg["hparams"].get("spg_class_incremental") is True
+    assert spg["hparams"].get("class_incremental") is True
     assert len(spg["spg_capacity_per_task"]) == 5

@@ -66,6 +66,17 @@ def test_unknown_method_lists_the_valid_ones(capsys: pytest.CaptureFixture[str])
         (["--backbone", "vgg"], "invalid choice"),
         (["--backbone", "alexnet"], "needs images of at least 10x10"),
         (["--scenario", "class", "--backbone", "resnet"], "task scenario"),
+        (["--hparam", "spg.mask=bogus"], "mask must be 'grad' or 'update', got 'bogus'"),
+        (["--hparam", "spg+lwf.head_rule=1"], "head_rule must be 'mean' or 'none', got 1"),
+        (["--hparam", "spg.importance_batch_size=0"], "importance_batch_size"),
+        (["--hparam", "ewc.ewc_lambda=-5"], "ewc_lambda must be a number >= 0, got -5"),
+        (["--hparam", "replay.mem_size=2.5"], "mem_size must be an int >= 1, got 2.5"),
+        (["--hparam", "mas.alpha=2"], "alpha must be a number in [0, 1], got 2"),
+        (["--hparam", "lwf.temperature=0"], "temperature must be a number > 0, got 0"),
+        (["--hparam", "spg.spg_mask=update"], "spg has no hyperparameter 'spg_mask'"),
+        (["--seeds", "-1"], "a seed must be in [0, 2**32), got -1"),
+        (["--seeds", "x"], "expected an integer seed, got 'x'"),
+        (["--device", "tpu"], "--device"),
     ],
 )
 def test_bad_values_are_rejected(
@@ -83,9 +94,9 @@ def test_methods_parsing() -> None:
 
 
 def test_hparam_overrides_reach_the_method() -> None:
-    overrides = parse_hparams(["ewc.ewc_lambda=5", "spg.spg_mask='update'", "replay.mem_size=7"])
+    overrides = parse_hparams(["ewc.ewc_lambda=5", "spg.mask='update'", "replay.mem_size=7"])
     assert method_hparams("ewc", "split-fmnist", overrides) == {"ewc_lambda": 5}
-    assert method_hparams("spg", "split-fmnist", overrides) == {"spg_mask": "update"}
+    assert method_hparams("spg", "split-fmnist", overrides) == {"mask": "update"}
     assert method_hparams("replay", "split-fmnist", overrides) == {"mem_size": 7}
     assert method_hparams("replay", "split-digits") == {"mem_size": 100}
     assert method_hparams("replay", "perm-fmnist") == {"mem_size": 500}
@@ -149,3 +160,36 @@ def test_backbone_is_a_setting_and_auto_keeps_the_committed_settings() -> None:
         config = json.loads(path.read_text())
         argv = shlex.split(config["commands"][0])[3:]  # after "python -m benchmarks"
         assert resolve_settings(parser.parse_args(argv)) == config["settings"], path
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--hparam", "spg.mask=bogus"], ["--seeds", "-3"], ["--device", "nonsense"]],
+)
+def test_a_bad_value_writes_nothing_and_the_corrected_command_runs(
+    tmp_path: Path, bad: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    base = ["--methods", "naive", "--epochs", "1", "--max-train-per-task", "20", "--no-plots"]
+    _error([*base, *bad, "--out", str(out)], capsys)
+    assert not out.exists()
+    assert main([*base, "--quiet", "--out", str(out)]) == 0
+    assert (out / "runs" / "naive" / "seed0" / "result.json").is_file()
+
+
+def test_a_directory_without_any_started_run_takes_new_settings(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"settings": {"epochs": 99}, "methods": []}))
+    base = ["--methods", "naive", "--epochs", "1", "--max-train-per-task", "20", "--no-plots"]
+    assert main([*base, "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["settings"]["epochs"] == 1
+    # ... but once a run has finished, other settings are refused as before.
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*base, "--epochs", "2", "--quiet", "--out", str(out)])
+
+
+def test_duplicate_seeds_run_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--methods", "naive", "--epochs", "1", "--max-train-per-task", "20", "--no-plots"]
+    assert main([*argv, "--seeds", "3", "3", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "1 run(s) to do" in capsys.readouterr().out
