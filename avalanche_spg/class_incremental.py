@@ -10,7 +10,7 @@ Feature extractor (every trainable parameter outside the classifier)
     experience contributes the gradient of its ordinary loss (cross-entropy over the whole output,
     batch mean), and every earlier group contributes the gradient of the sum of *its classes'*
     logits over the current data. Each tensor is standardised, squashed with ``|tanh|`` and
-    max-accumulated, exactly as in §1 of the spec.
+    max-accumulated, exactly as in section 1 of ``docs/algorithm.md``.
 
 Classifier rows (the parameters that :meth:`SPGPlugin.split_parameters` calls heads)
     The scalar head rule of the paper makes no sense for a head shared by all classes, so each

@@ -588,10 +588,10 @@ def _fold_abs_z(running: Tensor | None, summed: Tensor) -> Tensor | None:
     float implementation is odd and monotone, so the values are the same). The operations on
     ``z`` are the same as there (``G.float()``, ``G.mean()``, ``G.std()``, subtract, divide).
 
-    Usability is the spec's: at least 2 elements, all finite, not all zero, std finite and
-    > 0. A finite, positive std implies the other two (an infinite or NaN element makes the
-    std NaN; all zeros make it 0), so only the std is checked. Unusable: ``running``
-    unchanged.
+    Usability as in ``docs/algorithm.md``: at least 2 elements, all finite, not all zero, std
+    finite and > 0. A finite, positive std implies the other two (an infinite or NaN element
+    makes the std NaN; all zeros make it 0), so only the std is checked. Unusable:
+    ``running`` unchanged.
     """
     if summed.numel() < 2:
         return running

@@ -1,9 +1,9 @@
 """Shared builders for the test-suite: digits benchmarks, tiny models, probe plugins, and an
 independent reference implementation of SPG's importance pass.
 
-The reference implementation below is written straight from the pseudocode of
-``spg-algorithm.md`` §1 and deliberately shares no code with ``avalanche_spg``: the tests compare
-the plugin against it.
+The reference implementation below is written straight from section 1 of
+``docs/algorithm.md`` and deliberately shares no code with ``avalanche_spg``: the tests
+compare the plugin against it.
 """
 
 from __future__ import annotations
@@ -241,9 +241,9 @@ def reference_gamma(
     batch_size: int,
     feature_names: Iterable[str] | None = None,
 ) -> dict[str, Tensor]:
-    """``gamma`` of one experience, computed on a deep copy of ``model`` exactly as the spec's
-    pseudocode says: for every head ``j`` in ``prev + [k]``, zero the grads, sum the gradients
-    of ``CE(out, y)`` (``j == k``) or ``out.sum()`` (``j != k``) over the experience's
+    """``gamma`` of one experience, computed on a deep copy of ``model`` exactly as section 1 of
+    ``docs/algorithm.md`` says: for every head ``j`` in ``prev + [k]``, zero the grads, sum the
+    gradients of ``CE(out, y)`` (``j == k``) or ``out.sum()`` (``j != k``) over the experience's
     minibatches in fixed order, then per feature tensor ``|tanh((G - mean) / std)|``, max over
     heads.
 

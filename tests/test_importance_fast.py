@@ -1,4 +1,5 @@
-"""The fast importance pass gives the reference loop's importance (spec §1, issue 4).
+"""The fast importance pass gives the reference loop's importance (``docs/algorithm.md``,
+section 5).
 
 ``compute_gamma(method="fast")`` shares one forward per minibatch between all heads, runs the
 per-head backward passes from the classifier's input (optionally vectorised) and uses larger
@@ -170,7 +171,7 @@ def test_fast_at_the_reference_batch_size_is_bit_for_bit_the_loop(kind: str) -> 
 
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
 def test_fast_equals_the_independent_spec_loop(kind: str) -> None:
-    """Against ``helpers.reference_gamma`` (written from the spec's pseudocode, batch means)."""
+    """Against ``helpers.reference_gamma`` (written from ``docs/algorithm.md``, batch means)."""
     model, stream = _setup(kind)
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     expected = reference_gamma(model, dataset, [0, 1, 2], 3, REF_MB, _features(model))
@@ -437,7 +438,7 @@ def test_fast_equals_reference_on_gpu() -> None:
 
 def test_max_over_heads_matches_standardized_importance_with_unusable_heads() -> None:
     """The pass folds ``|z|`` of each head into a running max and applies tanh once; that must
-    equal the max over heads of :func:`standardized_importance`, including the spec's
+    equal the max over heads of :func:`standardized_importance`, including the
     unusable gradients (NaN, infinite, all zero, constant), which contribute 0."""
     from avalanche_spg.importance import standardized_importance
 

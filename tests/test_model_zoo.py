@@ -1,5 +1,5 @@
-"""SPG's importance on the models people bring to Avalanche (spec §1), against the independent
-reference of ``tests/helpers.py``.
+"""SPG's importance on the models people bring to Avalanche (paper Section 3.1), against the
+independent reference of ``tests/helpers.py``.
 
 Avalanche calls a multi-task model as ``model(x, task_labels)`` (positionally, one label per
 sample) and reads a minibatch's task labels from its last element; the importance pass must do

@@ -1,6 +1,6 @@
-"""The importance pass inside ``SPGPlugin.after_training_exp`` (spec §1), checked against an
-independent reference implementation written in ``tests/helpers.py`` and on its side effects:
-private DataLoader, train/eval flags, zeroed gradients, float32 for a bfloat16 model."""
+"""The importance pass inside ``SPGPlugin.after_training_exp`` (paper Section 3.1), checked against
+an independent reference implementation written in ``tests/helpers.py`` and on its side
+effects: private DataLoader, train/eval flags, zeroed gradients, float32 for a bfloat16 model."""
 
 from __future__ import annotations
 
