@@ -22,8 +22,9 @@ Classifier rows (the parameters that :meth:`SPGPlugin.split_parameters` calls he
     start at importance 0 and are fully plastic. Rows are masked elementwise by ``1 - A`` like
     any feature tensor; no scalar head rule applies.
 
-Everything is computed with the straightforward loop (one forward and backward per group and
-minibatch), in float32, on the experience's own training data.
+Everything is computed by the machinery of :mod:`avalanche_spg.importance_pass` (the model called
+as training calls it, its state left as found) with the straightforward loop: one forward and
+backward per group and reference minibatch, in float32, on the experience's own training data.
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from avalanche_spg.importance import standardized_importance
 from avalanche_spg.importance_pass import (
     ModelForward,
+    ModelState,
+    _Batches,
+    _Pass,
+    _shared_batch_loop,
     avalanche_convention,
     enter_pass_mode,
     preserved_model_state,
-    split_minibatch,
+    reference_sample_weights,
 )
 
 __all__ = ["compute_gamma_class_incremental", "row_importance"]
@@ -59,6 +64,33 @@ def row_importance(grad: Tensor, rows: Sequence[int]) -> Tensor:
         index = torch.as_tensor(rows, device=grad.device)
         out[index] = standardized_importance(grad[index])
     return out
+
+
+class _ClassGroups(_Pass):
+    """The importance pass with class groups as heads: the current loss is the training loss
+    (cross-entropy over the whole output, minibatch mean), an earlier group's loss the sum of
+    its classes' logits (``head`` indexes ``groups``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward: ModelForward,
+        state: ModelState,
+        batches: _Batches,
+        params: list[nn.Parameter],
+        groups: list[list[int]],
+    ) -> None:
+        super().__init__(model, forward, state, batches, params, [])
+        self.groups = groups
+
+    def current_loss(self, x: Tensor, y: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        return F.cross_entropy(self.call(x, t), y)
+
+    def old_head_loss(self, x: Tensor, t: Tensor, head: int) -> Tensor:
+        out = self.call(x, t)
+        columns = [c for c in self.groups[head] if c < out.shape[1]]
+        # No logit of the group yet: nothing to differentiate (skipped by the loop).
+        return out[:, columns].sum() if columns else out.new_zeros(()).detach()
 
 
 def compute_gamma_class_incremental(
@@ -97,13 +129,15 @@ def compute_gamma_class_incremental(
     current = sorted({int(c) for c in current_classes})
     groups = [sorted({int(c) for c in g} - set(current)) for g in previous_groups]
     groups = [g for g in groups if g]
+    positions = list(range(len(dataset)))  # type: ignore[arg-type]
     loader = DataLoader(
-        dataset,
+        Subset(dataset, positions),
         batch_size=batch_size,
         shuffle=False,
         collate_fn=getattr(dataset, "collate_fn", None),
         num_workers=num_workers,
     )
+    weights = reference_sample_weights(positions, batch_size, len(positions))
     feature_names = list(feature_params)
     row_names = list(row_params)
     all_params = [feature_params[n] for n in feature_names] + [row_params[n] for n in row_names]
@@ -119,25 +153,12 @@ def compute_gamma_class_incremental(
 
     with preserved_model_state(model) as state, torch.enable_grad():
         enter_pass_mode(model)
-        for group in [None, *groups]:  # None: the current loss
+        batches = _Batches(loader, weights, torch.device(device), 0)
+        run = _ClassGroups(model, forward, state, batches, all_params, groups)
+        for group in [None, *range(len(groups))]:  # None: the current loss
             sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
             model.zero_grad(set_to_none=True)
-            for batch in loader:
-                x, y, t = split_minibatch(batch, 0)
-                x, y, t = x.to(device), y.to(device), t.to(device)
-                state.reset_volatile()
-                out = forward(model, x, t)
-                if group is None:
-                    loss = F.cross_entropy(out, y)
-                else:
-                    columns = [c for c in group if c < out.shape[1]]
-                    if not columns:
-                        continue
-                    loss = out[:, columns].sum()
-                grads = torch.autograd.grad(loss, all_params, allow_unused=True)
-                for acc, grad in zip(sums, grads):
-                    if grad is not None:
-                        acc.add_(grad.float())
+            _shared_batch_loop(run, [group], [sums])
             for name, param, summed in zip(feature_names, all_params, sums):
                 fold(name, standardized_importance(summed, like=param))
             if group is None:

@@ -412,6 +412,11 @@ class _Pass:
         """Sum of all logits of head ``head`` (every sample labelled ``head``)."""
         return self.call(x, torch.full_like(t, head)).sum()
 
+    def head_loss(self, x: Tensor, y: Tensor, t: Tensor, w: Tensor, head: int | None) -> Tensor:
+        """The loss whose gradient is summed for ``head`` (Section 3.1): the current loss for
+        ``None``, an older head's logit sum otherwise. The one place that chooses."""
+        return self.current_loss(x, y, t, w) if head is None else self.old_head_loss(x, t, head)
+
 
 # ------------------------------------------------------------------------------ entry point
 def compute_gamma(
@@ -610,10 +615,7 @@ def _reference_loop(run: _Pass, head: int | None, head_sums: list[Tensor]) -> No
     """One head: one forward and ``backward()`` per minibatch, gradients summed."""
     run.model.zero_grad(set_to_none=True)
     for x, y, t, w, _ in run.batches:
-        if head is None:
-            loss = run.current_loss(x, y, t, w)
-        else:
-            loss = run.old_head_loss(x, t, head)
+        loss = run.head_loss(x, y, t, w, head)
         loss.backward()
         for param, acc in zip(run.params, head_sums):
             if param.grad is not None:
@@ -887,10 +889,7 @@ def _shared_batch_loop(run: _Pass, heads: list[int | None], sums: list[list[Tens
     gradients of the feature parameters only."""
     for x, y, t, w, _ in run.batches:
         for index, head in enumerate(heads):
-            if head is None:
-                loss = run.current_loss(x, y, t, w)
-            else:
-                loss = run.old_head_loss(x, t, head)
+            loss = run.head_loss(x, y, t, w, head)
             if not loss.requires_grad:
                 continue
             grads = torch.autograd.grad(loss, run.params, allow_unused=True)
