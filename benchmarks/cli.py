@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "least 10x10), resnet (Avalanche's MTSlimResNet18, a BatchNorm ResNet; task scenario only)",
     )
     what.add_argument(
+        "--task-norm-stats",
+        action="store_true",
+        help="every method keeps its normalisation layers' running statistics per task and "
+        "evaluates each task with its own (avalanche_spg.norm_stats.TaskNormStatsPlugin; only "
+        "matters for BatchNorm backbones such as --backbone resnet)",
+    )
+    what.add_argument(
         "--hparam",
         action="append",
         default=[],
@@ -348,6 +355,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             getattr(args, "backbone", "auto"), args.protocol, SOURCE_SHAPES[info.source]
         ),
     }
+    if getattr(args, "task_norm_stats", False):
+        # Only present when set, so other settings (and their directories' hashes) are unchanged.
+        settings["task_norm_stats"] = True
     if getattr(args, "scenario", "task") == "class":
         # Only present for the class scenario, so task-incremental settings (and their run
         # directories' hashes) are unchanged.
@@ -542,6 +552,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                     scenario="class" if class_scenario else "task",
                     world_size=setup.world_size,
                     backbone=args.backbone,
+                    task_norm_stats=args.task_norm_stats,
                 )
                 result = run_one(spec, streams[seed], out, log=log, command=command)
                 bwt = result["bwt"]
@@ -611,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_problem = _device_problem(args.device)
     if device_problem:
         parser.error(device_problem)
+    if args.scenario == "class" and args.task_norm_stats:
+        parser.error("--task-norm-stats needs task labels at test time: use --scenario task")
     if args.scenario == "class" and args.backbone == "resnet":
         parser.error("--backbone resnet is for the task scenario (use mlp or alexnet with class)")
     if args.scenario == "class":

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from avalanche_spg.norm_stats import TaskNormStatsPlugin
 from benchmarks._io import read_json, run_paths, write_json
 from benchmarks.data import TaskStream, make_benchmark
 from benchmarks.methods import StrategyContext, build_strategy
@@ -61,6 +62,8 @@ class RunSpec:
     world_size: int = 1
     #: ``auto``, ``mlp``, ``alexnet`` or ``resnet`` (:func:`benchmarks.protocols.make_backbone`).
     backbone: str = "auto"
+    #: Evaluate every task with its own normalisation statistics (``TaskNormStatsPlugin``).
+    task_norm_stats: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -221,6 +224,7 @@ def run_one(
         source=stream.description["source"],
         first_plugins=first_plugins,
         last_plugins=[
+            *([TaskNormStatsPlugin()] if spec.task_norm_stats else []),
             *([_tensor_plugin(stream, class_incremental)] if spec.tensor_data else []),
             ProgressPlugin(label, n_tasks, spec.progress),
             # DDP wrap / re-wrap and whole-stream evaluation under torchrun; a no-op in one

@@ -66,6 +66,7 @@ def test_unknown_method_lists_the_valid_ones(capsys: pytest.CaptureFixture[str])
         (["--backbone", "vgg"], "invalid choice"),
         (["--backbone", "alexnet"], "needs images of at least 10x10"),
         (["--scenario", "class", "--backbone", "resnet"], "task scenario"),
+        (["--scenario", "class", "--task-norm-stats"], "task labels at test time"),
         (["--hparam", "spg.mask=bogus"], "mask must be 'grad' or 'update', got 'bogus'"),
         (["--hparam", "spg+lwf.head_rule=1"], "head_rule must be 'mean' or 'none', got 1"),
         (["--hparam", "spg.importance_batch_size=0"], "importance_batch_size"),
@@ -152,6 +153,13 @@ def test_backbone_is_a_setting_and_auto_keeps_the_committed_settings() -> None:
     )
     assert paper["backbone"].startswith("AlexNet-like") and mlp["backbone"] == "MLP 784-256-256"
     assert settings_hash(paper) != settings_hash(mlp)
+    assert "task_norm_stats" not in paper
+    per_task = resolve_settings(
+        parser.parse_args(
+            ["--benchmark", "perm-fmnist", "--protocol", "paper", "--task-norm-stats"]
+        )
+    )
+    assert per_task["task_norm_stats"] is True and settings_hash(per_task) != settings_hash(paper)
     # Every committed run directory is reproduced by its own command, unchanged (auto backbone).
     root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     configs = sorted(root.glob("*/config.json"))
