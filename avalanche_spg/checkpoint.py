@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from avalanche_spg.process_group import unwrap_model
+
 __all__ = ["save_checkpoint", "maybe_load_checkpoint", "find_plugin", "optim_submodules_visible"]
 
 T = TypeVar("T")
@@ -74,8 +76,6 @@ def save_checkpoint(
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    from avalanche_spg.plugin import unwrap_model
-
     target = Path(fname)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")

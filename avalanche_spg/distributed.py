@@ -46,7 +46,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
 from torch import nn
 
-from avalanche_spg.plugin import unwrap_model
+from avalanche_spg.process_group import unwrap_model
 
 T = TypeVar("T")
 

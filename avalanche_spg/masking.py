@@ -1,6 +1,6 @@
 """Applying SPG's soft masks: fixed per-experience factors, fused in-place tensor ops.
 
-Spec ``spg-algorithm.md`` §2 (paper Section 3.2, Eq. 4-5): after ``backward()`` and before
+Paper Section 3.2, Eq. 4-5 (``docs/algorithm.md``, Section 2): after ``backward()`` and before
 ``optimizer.step()``, every feature-extractor gradient is multiplied elementwise by ``1 - A`` and
 every head gradient by the scalar ``1 - mean(A)``. The factors are computed once per experience
 on the parameters' device, so a training step does no allocation and no host-device transfer:
@@ -15,19 +15,37 @@ on the parameters' device, so a training step does no allocation and no host-dev
 The *update* variant (``mask="update"``) masks the parameter change of an optimizer step
 instead: ``theta <- theta_before + factor * (theta_after - theta_before)``, which holds under any
 optimizer (momentum, weight decay, Adam).
+
+:func:`build_masks` turns the accumulated importance into the :class:`MaskSet` of an experience,
+and :class:`StepGuard` makes sure that no optimizer step runs without them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from avalanche_spg.importance import fit_to_shape
+from avalanche_spg.importance import fit_to_shape, head_scale
 
-__all__ = ["MaskSet", "align_importance", "build_mask_set"]
+__all__ = [
+    "HeadRule",
+    "MaskSet",
+    "StepGuard",
+    "align_importance",
+    "build_mask_set",
+    "build_masks",
+    "rule_head_scale",
+]
+
+#: The head rule: ``"mean"`` scales head gradients by ``1 - mean(A)`` (the paper), ``"none"``
+#: leaves them unscaled.
+HeadRule = Literal["mean", "none"]
 
 
 @dataclass
@@ -209,3 +227,88 @@ def build_mask_set(
         head_scale=head_scale,
         clip_head_norm=clip_head_norm,
     )
+
+
+def rule_head_scale(importance: Mapping[str, Tensor], rule: HeadRule) -> float:
+    """The scalar of the head rule: ``1 - mean(A)`` for ``"mean"`` (Eq. 5), 1 for ``"none"``."""
+    return head_scale(importance) if rule == "mean" else 1.0
+
+
+def build_masks(
+    importance: Mapping[str, Tensor],
+    feature_params: Mapping[str, nn.Parameter],
+    head_params: Mapping[str, nn.Parameter],
+    *,
+    head_rule: HeadRule,
+    clip_head_norm: float | None,
+    rows_as_features: bool = False,
+) -> tuple[MaskSet | None, dict[str, Tensor], float]:
+    """The masks of one experience, with the importance they were built from and the head scale.
+
+    Returns ``(masks, aligned importance, head scale)`` and changes nothing it is given: the
+    caller keeps the aligned importance (on the parameters' devices, grown parameters padded,
+    see :func:`align_importance`) as its new state. Without importance (the first experience)
+    nothing is masked and the head scale is 1; the head clip alone stays active, as in the
+    reference, so masks exist only if it is on and there are heads.
+
+    :param rows_as_features: the heads carry their own importance, row by row, and are masked
+        elementwise like feature parameters (``class_incremental=True``); no head rule applies.
+    :raises ValueError: if some importance does not fit its parameter (see
+        :func:`align_importance`).
+    """
+    if not importance:
+        if clip_head_norm is None or rows_as_features or not head_params:
+            return None, {}, 1.0
+        return MaskSet([], [], list(head_params.values()), 1.0, clip_head_norm), {}, 1.0
+    if rows_as_features:
+        feature_params, head_params = {**feature_params, **head_params}, {}
+    aligned = align_importance(importance, feature_params)
+    scale = rule_head_scale(aligned, head_rule)
+    masks = build_mask_set(aligned, feature_params, head_params, scale, clip_head_norm)
+    return masks, aligned, scale
+
+
+class StepGuard:
+    """Refuses every ``optimizer.step()`` that no masking preceded.
+
+    :meth:`attach` registers a step pre-hook on an optimizer; :meth:`allow` (called where the
+    masks are applied) lets exactly one step through. The hook compares one flag: no tensor
+    work, no device sync, no allocation per step. An unmasked step raises ``RuntimeError``
+    before the optimizer changes any parameter.
+    """
+
+    def __init__(self) -> None:
+        self.optimizer: Any = None
+        self._handle: RemovableHandle | None = None
+        self._allowed = False
+
+    def attach(self, optimizer: Any, caller: str) -> None:
+        """Guard ``optimizer`` (any object; one without step hooks is left unguarded) on behalf
+        of ``caller`` (named in the error), replacing any previous one."""
+        self.detach()
+        self.optimizer = optimizer
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        if register is not None:
+            self._handle = register(functools.partial(self._check, caller))
+
+    def detach(self) -> None:
+        """Stop guarding (the optimizer keeps no trace of the guard)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+        self.optimizer = None
+        self._allowed = False
+
+    def allow(self) -> None:
+        """Let the next step through."""
+        self._allowed = True
+
+    def _check(self, caller: str, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._allowed:
+            raise RuntimeError(
+                f"SPGPlugin: {caller} called optimizer.step() without calling before_update "
+                "first; the step was refused, since it would have moved the parameters without "
+                "SPG's masks. Use a strategy based on Avalanche's SGDUpdate (Naive, Replay, "
+                "EWC, ...)."
+            )
+        self._allowed = False

@@ -6,70 +6,45 @@ Where things happen:
   :func:`avalanche_spg.importance_pass.compute_gamma` and
   :func:`avalanche_spg.importance.max_accumulate`;
 * gradient masking before ``optimizer.step()``: :meth:`SPGPlugin.before_update`, which calls
-  :meth:`avalanche_spg.masking.MaskSet.mask_gradients`.
+  :meth:`avalanche_spg.masking.MaskSet.mask_gradients` on the masks that
+  :func:`avalanche_spg.masking.build_masks` fixed when the experience started.
+
+Which parameters are heads: :mod:`avalanche_spg.heads`; checks of the constructor arguments and
+of a loaded state: :mod:`avalanche_spg.validation`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import operator
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from avalanche_spg.class_incremental import compute_gamma_class_incremental
-from avalanche_spg.importance import head_scale, max_accumulate
+from avalanche_spg.heads import HeadSelector, missing_task_heads, split_parameters
+from avalanche_spg.importance import max_accumulate
 from avalanche_spg.importance_pass import (
     ImportanceMethod,
     avalanche_convention,
     compute_gamma,
     find_multihead_classifier,
 )
-from avalanche_spg.masking import MaskSet, align_importance, build_mask_set
+from avalanche_spg.masking import HeadRule, MaskSet, StepGuard, build_masks, rule_head_scale
+from avalanche_spg.process_group import distributed_shard as _distributed_shard
+from avalanche_spg.process_group import unwrap_model
+from avalanche_spg.process_group import world_size as _world_size
+from avalanche_spg.validation import STATE_VERSION, check_plugin_arguments, checked_state
 
 __all__ = ["SPGPlugin", "SPGOptimizerWarning", "HeadSelector", "unwrap_model"]
 
-#: How heads are chosen: module-name prefixes, or a predicate on (parameter name, parameter).
-HeadSelector = Sequence[str] | Callable[[str, nn.Parameter], bool]
 MaskMode = Literal["grad", "update"]
-HeadRule = Literal["mean", "none"]
-
-_STATE_VERSION = 1
 
 
 class SPGOptimizerWarning(UserWarning):
     """The optimizer makes gradient masking only an approximate soft freeze."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or ``model``)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
-
-
-def _default_head_names(model: nn.Module) -> set[str]:
-    from avalanche.models import IncrementalClassifier, MultiHeadClassifier
-
-    prefixes = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (MultiHeadClassifier, IncrementalClassifier))
-    ]
-    return {
-        name
-        for name, _ in model.named_parameters()
-        if any(name == p or name.startswith(p + ".") for p in prefixes if p) or "" in prefixes
-    }
 
 
 class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
@@ -153,54 +128,6 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         previous_heads: bool = True,
     ) -> None:
         super().__init__()
-        if heads is not None and not callable(heads):
-            if (
-                isinstance(heads, (str, bytes))
-                or not isinstance(heads, Sequence)
-                or not all(isinstance(h, str) for h in heads)
-            ):
-                raise ValueError(
-                    "heads must be None, a sequence of module names or a callable "
-                    f"(name, param) -> bool; got {heads!r}"
-                )
-        if clip_head_grad_norm is not None and (
-            isinstance(clip_head_grad_norm, bool)
-            or not isinstance(clip_head_grad_norm, (int, float))
-            or not math.isfinite(clip_head_grad_norm)
-            or clip_head_grad_norm <= 0
-        ):
-            raise ValueError(
-                "clip_head_grad_norm must be a positive finite number or None, got "
-                f"{clip_head_grad_norm!r}"
-            )
-        for flag_name, flag in (
-            ("reset_optimizer_state", reset_optimizer_state),
-            ("warn_optimizer", warn_optimizer),
-            ("class_incremental", class_incremental),
-            ("previous_heads", previous_heads),
-        ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{flag_name} must be True or False, got {flag!r}")
-        if importance_method not in ("fast", "reference"):
-            raise ValueError(
-                f"importance_method must be 'fast' or 'reference', got {importance_method!r}"
-            )
-        for arg_name, value in (
-            ("importance_batch_size", importance_batch_size),
-            ("importance_pass_batch_size", importance_pass_batch_size),
-            ("importance_max_samples", importance_max_samples),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{arg_name} must be a positive int or None, got {value!r}")
-        if head_rule not in ("mean", "none"):
-            raise ValueError(f"head_rule must be 'mean' or 'none', got {head_rule!r}")
-        if mask not in ("grad", "update"):
-            raise ValueError(f"mask must be 'grad' or 'update', got {mask!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-
         self.heads = heads
         self.clip_head_grad_norm = clip_head_grad_norm
         self.importance_method: ImportanceMethod = importance_method
@@ -211,31 +138,26 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self.reset_optimizer_state = reset_optimizer_state
         self.warn_optimizer = warn_optimizer
         self.num_workers = num_workers
-        self.class_incremental = bool(class_incremental)
+        self.class_incremental = class_incremental
         self.head_rule: HeadRule = head_rule
         self.previous_heads = previous_heads
+        check_plugin_arguments(self)
 
         # State that survives a checkpoint (plain data).
         self._importance: dict[str, Tensor] = {}
         self._seen_tasks: list[int] = []
         self._class_groups: list[list[int]] = []
         self._experiences_seen = 0
-        #: Seconds spent in the last importance pass (for benchmarks).
-        self.last_importance_seconds = 0.0
 
         # Per-experience working state, rebuilt at every experience.
         self._masks: MaskSet | None = None
+        self._masks_stale = False  # state loaded during an experience: rebuild the masks
         self._head_scale = 1.0
-        self._warned_optimizer = False
-        self._warned_unknown = False
+        self._step_guard = StepGuard()  # no optimizer step without the masks
         self._iterations_this_exp = 0
         self._updates_this_exp = 0
-        # The step guard: an optimizer step pre-hook that refuses a step not preceded by
-        # before_update, registered for the duration of each experience.
-        self._update_pending = False
-        self._step_guard: RemovableHandle | None = None
-        self._guarded_optimizer: Any = None
-        self._masks_stale = False  # state loaded during an experience: rebuild the masks
+        self._warned_optimizer = False
+        self._warned_unknown = False
 
     # ------------------------------------------------------------------ public state
     @property
@@ -261,7 +183,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
     def state_dict(self) -> dict[str, Any]:
         """The plugin's persistent state as plain data (tensors on CPU)."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "importance": {k: v.detach().cpu().clone() for k, v in self._importance.items()},
             "seen_tasks": list(self._seen_tasks),
             "class_groups": [list(g) for g in self._class_groups],
@@ -277,40 +199,21 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         than a parameter that grew, never larger) is checked when the next experience starts,
         before its first step.
         """
-        importance, seen_tasks, class_groups, experiences_seen = _checked_state(state)
+        importance, seen_tasks, class_groups, experiences_seen = checked_state(state)
         self._importance = importance
         self._seen_tasks = seen_tasks
         self._class_groups = class_groups
         self._experiences_seen = experiences_seen
-        self._head_scale = self._applied_head_scale()
+        self._head_scale = rule_head_scale(self._importance, self.head_rule)
         self._masks = None
         self._masks_stale = True  # loaded during an experience: the next update rebuilds them
 
-    # ------------------------------------------------------------------ partition
     def split_parameters(
         self, model: nn.Module
     ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
-        """``(feature_params, head_params)`` of ``model`` by name (trainable parameters only)."""
-        model = unwrap_model(model)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if self.heads is None:
-            head_names = _default_head_names(model)
-            is_head = [n in head_names for n, _ in named]
-        elif callable(self.heads):
-            is_head = [bool(self.heads(n, p)) for n, p in named]
-        else:
-            module_names = dict(model.named_modules())
-            missing = [h for h in self.heads if h not in module_names]
-            if missing:
-                raise ValueError(
-                    f"heads names modules that the model does not have: {missing}; "
-                    f"modules are e.g. {list(module_names)[1:8]}"
-                )
-            prefixes = list(self.heads)
-            is_head = [any(n.startswith(h + ".") for h in prefixes) for n, _ in named]
-        features = {n: p for (n, p), head in zip(named, is_head) if not head}
-        heads = {n: p for (n, p), head in zip(named, is_head) if head}
-        return features, heads
+        """``(feature_params, head_params)`` of ``model`` by name (trainable parameters only),
+        as the ``heads`` argument selects them (:func:`avalanche_spg.heads.split_parameters`)."""
+        return split_parameters(model, self.heads)
 
     # ------------------------------------------------------------------ callbacks
     def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
@@ -331,41 +234,26 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         this experience on the parameters' device, and guard the optimizer's steps."""
         self._iterations_this_exp = 0
         self._updates_this_exp = 0
-        self._update_pending = False
-        self._unguard_steps()
+        self._step_guard.detach()
         # Everything that could fail runs before anything changes: the model's heads, then
         # the masks (which check that the importance fits the parameters).
         self._check_previous_heads(strategy)
         self._masks = self._build_masks(strategy.model)
         self._masks_stale = False
         optimizer = strategy.optimizer  # None for strategies without one (StreamingLDA)
-        if self.reset_optimizer_state and optimizer is not None:
-            optimizer.state.clear()
-        if (
-            self.warn_optimizer
-            and not self._warned_optimizer
-            and self.mask == "grad"
-            and optimizer is not None
-        ):
-            reason = _approximate_masking_reason(optimizer)
-            if reason is not None:
-                self._warned_optimizer = True
-                warnings.warn(
-                    f"SPGPlugin: the optimizer {reason}, so masking gradients is only an "
-                    "approximate soft freeze (a parameter with importance 1 still moves). Use "
-                    "SPGPlugin(mask='update') to mask the parameter change itself, and/or "
-                    "reset_optimizer_state=True; plain SGD matches the paper.",
-                    SPGOptimizerWarning,
-                    stacklevel=2,
-                )
-        self._guard_steps(strategy)
+        if optimizer is not None:
+            if self.reset_optimizer_state:
+                optimizer.state.clear()
+            self._warn_about(optimizer)
+        self._step_guard.attach(optimizer, type(strategy).__name__)
 
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Scale the gradients (``mask='grad'``) or remember the parameters (``'update'``)."""
         self._updates_this_exp += 1
-        self._update_pending = True
-        if strategy.optimizer is not self._guarded_optimizer:
-            self._guard_steps(strategy)  # a plugin replaced the optimizer during the experience
+        if strategy.optimizer is not self._step_guard.optimizer:
+            # A plugin replaced the optimizer during the experience.
+            self._step_guard.attach(strategy.optimizer, type(strategy).__name__)
+        self._step_guard.allow()
         if self._masks_stale:
             self._masks = self._build_masks(strategy.model)
             self._masks_stale = False
@@ -399,11 +287,10 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Compute this experience's importance and fold it into ``A`` (Section 3.1)."""
-        self._unguard_steps()
+        self._step_guard.detach()
         self._masks = None  # frees the factor buffers between experiences
         experience = strategy.experience
         current = [int(t) for t in getattr(experience, "task_labels", [0])]
-        started = time.perf_counter()
         gamma = self._compute_gamma(strategy, current)
         max_accumulate(self._importance, gamma)
         for task in current:
@@ -412,14 +299,9 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         classes = sorted(int(c) for c in getattr(experience, "classes_in_this_experience", []))
         self._class_groups.append(classes)
         self._experiences_seen += 1
-        self._head_scale = self._applied_head_scale()
-        self.last_importance_seconds = time.perf_counter() - started
+        self._head_scale = rule_head_scale(self._importance, self.head_rule)
 
     # ------------------------------------------------------------------ internals
-    def _applied_head_scale(self) -> float:
-        """The head rule's scalar: ``1 - mean(A)`` (paper) or 1 (``head_rule="none"``)."""
-        return head_scale(self._importance) if self.head_rule == "mean" else 1.0
-
     def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
         # The pass leaves the model as it found it (flags, normalisation statistics, every
         # buffer and plain attribute): compute_gamma restores them itself.
@@ -481,38 +363,6 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             classifier=find_multihead_classifier(model),
         )
 
-    def _guard_steps(self, strategy: Any) -> None:
-        """Refuse every step of ``strategy.optimizer`` not preceded by ``before_update``.
-
-        A step pre-hook checks a flag that ``before_update`` sets and each step consumes: one
-        Python comparison per step, no tensor work, so an unmasked step is refused before it
-        changes any parameter, on every iteration. Removed when the experience ends.
-        """
-        self._unguard_steps()
-        optimizer = strategy.optimizer
-        self._guarded_optimizer = optimizer
-        register = getattr(optimizer, "register_step_pre_hook", None)
-        if register is not None:
-            self._step_guard = register(
-                functools.partial(self._check_step, type(strategy).__name__)
-            )
-
-    def _unguard_steps(self) -> None:
-        if self._step_guard is not None:
-            self._step_guard.remove()
-        self._step_guard = None
-        self._guarded_optimizer = None
-
-    def _check_step(self, strategy_name: str, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._update_pending:
-            raise RuntimeError(
-                f"SPGPlugin: {strategy_name} called optimizer.step() without calling "
-                "before_update first; the step was refused, since it would have moved the "
-                "parameters without SPG's masks. Use a strategy based on Avalanche's SGDUpdate "
-                "(Naive, Replay, EWC, ...)."
-            )
-        self._update_pending = False
-
     def _check_previous_heads(self, strategy: Any) -> None:
         """Refuse, before training, a model that lacks the head of a task trained earlier.
 
@@ -521,44 +371,31 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         Checked on Avalanche's ``MultiHeadClassifier`` (the heads other models keep are not
         known).
         """
-        from avalanche.models import MultiHeadClassifier, MultiTaskModule
+        from avalanche.models import MultiTaskModule
 
-        model = unwrap_model(strategy.model)
         if self.class_incremental or not self.previous_heads:
             return
-        if not isinstance(model, MultiTaskModule):
+        if not isinstance(unwrap_model(strategy.model), MultiTaskModule):
             return
         experience = getattr(strategy, "experience", None)
         current = {int(t) for t in getattr(experience, "task_labels", [0])}
         needed = [t for t in self._seen_tasks if t not in current]
-        for name, module in model.named_modules():
-            if not isinstance(module, MultiHeadClassifier):
-                continue
-            missing = [t for t in needed if str(t) not in module.classifiers]
-            if missing:
-                raise ValueError(
-                    f"SPGPlugin: tasks {missing} were trained earlier (seen_tasks "
-                    f"{self._seen_tasks}) but the model's MultiHeadClassifier {name!r} has no "
-                    f"head for them (it has heads {sorted(module.classifiers, key=int)}); SPG's "
-                    "importance needs every earlier head. Restore the model together with "
-                    "the plugin's state."
-                )
+        for name, missing in missing_task_heads(strategy.model, needed).items():
+            raise ValueError(
+                f"SPGPlugin: tasks {missing} were trained earlier (seen_tasks "
+                f"{self._seen_tasks}) but the model's MultiHeadClassifier {name!r} has no head "
+                "for them; SPG's importance needs every earlier head. Restore the model "
+                "together with the plugin's state."
+            )
 
     def _build_masks(self, model: nn.Module) -> MaskSet | None:
         features, heads = self.split_parameters(model)
         if not features and not self.class_incremental:
             raise ValueError(
                 "SPGPlugin: the model has no trainable feature parameter (the head selection "
-                f"heads={_shown(self.heads)} takes every trainable parameter), so SPG would "
-                "protect nothing. Select only the task heads as heads."
+                f"heads={self.heads!r} takes every trainable parameter), so SPG would protect "
+                "nothing. Select only the task heads as heads."
             )
-        if not self._importance:
-            # First experience: nothing is masked (A = 0, s = 1); the reference still clips
-            # head gradients on every task, so the clip alone stays active.
-            self._head_scale = 1.0
-            if self.clip_head_grad_norm is None or self.class_incremental or not heads:
-                return None
-            return MaskSet([], [], list(heads.values()), 1.0, self.clip_head_grad_norm)
         unknown = sorted(set(self._importance) - set(features) - set(heads))
         if unknown and not self._warned_unknown:
             self._warned_unknown = True
@@ -568,108 +405,33 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 "are kept (and count in the head scale) but mask nothing.",
                 stacklevel=2,
             )
-        if self.class_incremental:
-            # Classifier rows carry their own importance: masked elementwise like features.
-            features, heads = {**features, **heads}, {}
         # Fitted to the parameters (grown ones padded with 0) and kept on their device from
         # now on; refused, with nothing changed, if some importance is larger than its tensor.
-        self._importance = align_importance(self._importance, features)
-        self._head_scale = self._applied_head_scale()
-        return build_mask_set(
-            self._importance, features, heads, self._head_scale, self.clip_head_grad_norm
+        masks, self._importance, self._head_scale = build_masks(
+            self._importance,
+            features,
+            heads,
+            head_rule=self.head_rule,
+            clip_head_norm=self.clip_head_grad_norm,
+            rows_as_features=self.class_incremental,
         )
+        return masks
 
-
-_REQUIRED_STATE_KEYS = ("version", "importance", "seen_tasks", "experiences_seen")
-_OPTIONAL_STATE_KEYS = ("class_groups",)
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, shortened for an error message."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _label(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (not a bool), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _labels(key: str, value: Any) -> list[int]:
-    """A list of integer labels (``seen_tasks``, one class group) from a state entry."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"SPGPlugin state: {key} must be a list of ints, got {_shown(value)}")
-    labels = [_label(v) for v in value]
-    bad = [v for v, label in zip(value, labels) if label is None]
-    if bad:
-        raise ValueError(
-            f"SPGPlugin state: {key} must be a list of ints, got {_shown(bad[0])} in "
-            f"{_shown(value)}"
-        )
-    return [label for label in labels if label is not None]
-
-
-def _checked_state(state: Any) -> tuple[dict[str, Tensor], list[int], list[list[int]], int]:
-    """The entries of an ``SPGPlugin`` state, checked and converted, or ``ValueError``."""
-    if not isinstance(state, Mapping):
-        raise ValueError(
-            f"SPGPlugin state must be a mapping from state_dict(), got {type(state).__name__}"
-        )
-    version = state.get("version")
-    if isinstance(version, bool) or version != _STATE_VERSION:
-        raise ValueError(f"unsupported SPGPlugin state version {version!r}")
-    missing = [key for key in _REQUIRED_STATE_KEYS if key not in state]
-    if missing:
-        raise ValueError(f"SPGPlugin state lacks the entries {missing}")
-    unknown = [key for key in state if key not in _REQUIRED_STATE_KEYS + _OPTIONAL_STATE_KEYS]
-    if unknown:
-        raise ValueError(f"SPGPlugin state has unknown entries {unknown}")
-
-    entries = state["importance"]
-    if not isinstance(entries, Mapping):
-        raise ValueError(
-            f"SPGPlugin state: importance must map parameter names to tensors, got "
-            f"{_shown(entries)}"
-        )
-    importance: dict[str, Tensor] = {}
-    for name, value in entries.items():
-        if not isinstance(name, str):
-            raise ValueError(
-                f"SPGPlugin state: importance must be keyed by parameter names, got {name!r}"
+    def _warn_about(self, optimizer: torch.optim.Optimizer) -> None:
+        """One :class:`SPGOptimizerWarning` if ``optimizer`` makes gradient masking inexact."""
+        if not self.warn_optimizer or self._warned_optimizer or self.mask != "grad":
+            return
+        reason = _approximate_masking_reason(optimizer)
+        if reason is not None:
+            self._warned_optimizer = True
+            warnings.warn(
+                f"SPGPlugin: the optimizer {reason}, so masking gradients is only an "
+                "approximate soft freeze (a parameter with importance 1 still moves). Use "
+                "SPGPlugin(mask='update') to mask the parameter change itself, and/or "
+                "reset_optimizer_state=True; plain SGD matches the paper.",
+                SPGOptimizerWarning,
+                stacklevel=3,
             )
-        try:
-            tensor = torch.as_tensor(value).detach().float().clone()
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"SPGPlugin state: importance of {name!r} is not a tensor: {_shown(value)}"
-            ) from error
-        if (
-            not bool(torch.isfinite(tensor).all())
-            or bool((tensor < 0).any())
-            or bool((tensor > 1).any())
-        ):
-            raise ValueError(f"importance of {name!r} must be finite and in [0, 1]")
-        importance[name] = tensor
-
-    seen_tasks = _labels("seen_tasks", state["seen_tasks"])
-    groups = state.get("class_groups", [])
-    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
-        raise ValueError(
-            f"SPGPlugin state: class_groups must be a list of lists of ints, got {_shown(groups)}"
-        )
-    class_groups = [_labels("class_groups", group) for group in groups]
-    experiences_seen = _label(state["experiences_seen"])
-    if experiences_seen is None or experiences_seen < 0:
-        raise ValueError(
-            "SPGPlugin state: experiences_seen must be an int >= 0, got "
-            f"{_shown(state['experiences_seen'])}"
-        )
-    return importance, seen_tasks, class_groups, experiences_seen
 
 
 class _SubsetWithCollate(torch.utils.data.Dataset):
@@ -697,32 +459,3 @@ def _approximate_masking_reason(optimizer: torch.optim.Optimizer) -> str | None:
                 return f"uses weight decay ({group['weight_decay']})"
         return None
     return f"is {type(optimizer).__name__} (adaptive or stateful, not plain SGD)"
-
-
-def _world_size() -> int:
-    """Processes in the torch.distributed process group (1 when there is none)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _distributed_shard(total: int) -> tuple[list[int], Callable[[list[Tensor]], None]] | None:
-    """This rank's positions and a summing all-reduce, when running under torch.distributed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    rank, world = dist.get_rank(), dist.get_world_size()
-
-    def all_reduce_sum(tensors: list[Tensor]) -> None:
-        if not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
-
-    return list(range(rank, total, world)), all_reduce_sum

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from avalanche.core import SupervisedPlugin
 
 from avalanche_spg.norm_stats import TaskNormStatsPlugin
 from benchmarks._io import read_json, run_paths, write_json
@@ -111,6 +112,36 @@ def _find_spg(strategy: Any) -> Any:
         if isinstance(plugin, SPGPlugin):
             return plugin
     return None
+
+
+class PassMark(SupervisedPlugin):
+    """Notes the time of ``after_training_exp``. A pair of them around the SPG plugin times its
+    importance pass, which the plugin runs in that callback (plugins run in list order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at = 0.0
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.at = time.perf_counter()
+
+
+def _time_importance_pass(strategy: Any) -> tuple[PassMark, PassMark] | None:
+    """The marks just before and just after the strategy's SPG plugin, inserted on the first
+    call (a strategy resumed from a checkpoint has them already); ``None`` without SPG."""
+    spg = _find_spg(strategy)
+    if spg is None:
+        return None
+    plugins = strategy.plugins
+    index = next(i for i, plugin in enumerate(plugins) if plugin is spg)
+    if 0 < index < len(plugins) - 1:
+        before, after = plugins[index - 1], plugins[index + 1]
+        if isinstance(before, PassMark) and isinstance(after, PassMark):
+            return before, after
+    before, after = PassMark(), PassMark()
+    plugins.insert(index + 1, after)
+    plugins.insert(index, before)
+    return before, after
 
 
 def _capacity(spg: Any) -> dict[str, float]:
@@ -233,6 +264,7 @@ def run_one(
         ],
     )
     strategy = build_strategy(spec.method, ctx, spec.hparams)
+    _time_importance_pass(strategy)
     if class_incremental:
         from benchmarks._class_incremental import make_class_benchmark
 
@@ -253,6 +285,7 @@ def run_one(
             strategy, paths["checkpoint"], map_location=spec.device
         )
         add_distributed_support(strategy)
+        _time_importance_pass(strategy)
         saved = read_json(paths["progress"]) if paths["progress"].is_file() else {}
         if len(saved.get("rows", [])) < start:
             raise RuntimeError(
@@ -278,7 +311,8 @@ def run_one(
     def record(t_train: float, t_eval: float) -> None:
         spg = _find_spg(strategy)
         train_seconds.append(t_train)
-        importance_seconds.append(float(spg.last_importance_seconds) if spg else 0.0)
+        marks = _time_importance_pass(strategy)
+        importance_seconds.append(marks[1].at - marks[0].at if marks else 0.0)
         if spg is not None:
             capacity.append(_capacity(spg))
         eval_seconds.append(t_eval)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from helpers import (
     CallbackProbe,
@@ -243,3 +244,31 @@ def test_state_loaded_during_an_experience_masks_the_following_steps(
     after = snapshot_params(model)
     assert torch.equal(after["features.1.weight"], at_load["features.1.weight"])
     assert not torch.equal(after["features.1.bias"], at_load["features.1.bias"])
+
+
+def test_build_masks_returns_the_aligned_importance_and_leaves_its_input_alone() -> None:
+    """Mask building is a function: the importance it is given is not touched; the aligned
+    copy (grown parameter padded with 0) and the head scale come back with the masks."""
+    from avalanche_spg.masking import build_masks
+
+    weight = nn.Parameter(torch.ones(3, 2))  # grew from 2 to 3 rows
+    head = nn.Parameter(torch.ones(4))
+    given = {"w": torch.tensor([[0.5, 0.25], [0.0, 1.0]])}
+    kept = given["w"].clone()
+    masks, aligned, scale = build_masks(
+        given, {"w": weight}, {"h": head}, head_rule="mean", clip_head_norm=None
+    )
+    assert given.keys() == {"w"} and torch.equal(given["w"], kept)
+    assert torch.equal(aligned["w"], torch.tensor([[0.5, 0.25], [0.0, 1.0], [0.0, 0.0]]))
+    assert scale == 1.0 - 1.75 / 6
+    assert masks is not None
+    assert torch.equal(masks.feature_factors[0], 1.0 - aligned["w"])
+    assert masks.head_params == [head] and masks.head_scale == scale
+    with pytest.raises(ValueError, match=r"'w': importance \(3, 2\), parameter \(2, 2\)"):
+        build_masks(
+            {"w": torch.zeros(3, 2)},
+            {"w": nn.Parameter(torch.ones(2, 2))},
+            {},
+            head_rule="mean",
+            clip_head_norm=None,
+        )
