@@ -79,6 +79,8 @@ def summarize(results: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
         curves = [r["acc_curve"] for r in runs]
         if len({len(c) for c in curves}) == 1:
             entry["acc_curve_mean"] = [statistics.fmean(vals) for vals in zip(*curves)]
+        for key, values in _per_task_series(runs).items():
+            entry[key] = values
         entry["hparams"] = runs[0].get("hparams", {})
         methods[method] = entry
     return {
@@ -87,6 +89,24 @@ def summarize(results: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
         "settings": config.get("settings", {}),
         "commands": config.get("commands", []),
         "methods": methods,
+    }
+
+
+def _per_task_series(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-task means over seeds of what the runs recorded per task: the epochs each task
+    trained (paper protocol), SPG's mean importance and head scale after each task."""
+    series: dict[str, list[list[float]]] = {}
+    for run in runs:
+        if run.get("epochs_per_task"):
+            series.setdefault("epochs_per_task_mean", []).append(run["epochs_per_task"])
+        capacity = run.get("spg_capacity_per_task")
+        if capacity:
+            series.setdefault("importance_mean_per_task", []).append([c["mean"] for c in capacity])
+            series.setdefault("head_scale_per_task", []).append([c["head_scale"] for c in capacity])
+    return {
+        key: [statistics.fmean(values) for values in zip(*lists)]
+        for key, lists in series.items()
+        if len(lists) == len(runs) and len({len(v) for v in lists}) == 1
     }
 
 
@@ -184,6 +204,13 @@ def markdown_table(run_dir: Path) -> str:
     if (plots / "acc_after_each_task.png").is_file():
         lines.append("![ACC after each task](plots/acc_after_each_task.png)")
         lines.append("")
+        for name, caption in (
+            ("epochs_per_task.png", "Epochs each task trained"),
+            ("spg_capacity.png", "SPG's mean importance and head scale after each task"),
+        ):
+            if (plots / name).is_file():
+                lines.append(f"![{caption}](plots/{name})")
+                lines.append("")
         heatmaps = sorted(plots.glob("matrix_*.png"))
         if heatmaps:
             lines.append(
@@ -274,6 +301,8 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     fig.savefig(path)
     written.append(path)
 
+    written += _per_task_plots(plots, methods, title, new_figure)
+
     for method, entry in methods.items():
         matrix = entry.get("matrix_mean")
         if not matrix:
@@ -305,6 +334,72 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         fig.tight_layout()
         path = plots / f"matrix_{method.replace('+', '_')}.png"
+        fig.savefig(path)
+        written.append(path)
+    return written
+
+
+def _per_task_plots(
+    plots: Path, methods: dict[str, Any], title: str, new_figure: Any
+) -> list[Path]:
+    """``epochs_per_task.png`` (when tasks trained to convergence) and ``spg_capacity.png``
+    (when an SPG method ran): one line per method, mean over seeds."""
+    from matplotlib.ticker import MaxNLocator
+
+    written = []
+    for old in ("epochs_per_task.png", "spg_capacity.png"):
+        if (plots / old).is_file():
+            (plots / old).unlink()
+    with_epochs = {
+        m: e["epochs_per_task_mean"] for m, e in methods.items() if e.get("epochs_per_task_mean")
+    }
+    if with_epochs and any(len(v) > 1 for v in with_epochs.values()):
+        fig, ax = new_figure((6.4, 4.0))
+        for method, epochs in with_epochs.items():
+            if len(epochs) > 1:  # joint trains once
+                ax.plot(range(1, len(epochs) + 1), epochs, marker="o", ms=3, label=method)
+        ax.set_xlabel("task")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("epochs until early stopping")
+        ax.set_title(f"Epochs per task — {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = plots / "epochs_per_task.png"
+        fig.savefig(path)
+        written.append(path)
+    spg = {m: e for m, e in methods.items() if e.get("importance_mean_per_task")}
+    if spg:
+        fig, ax = new_figure((6.4, 4.0))
+        for index, (method, entry) in enumerate(spg.items()):
+            color = f"C{index}"
+            tasks = range(1, len(entry["importance_mean_per_task"]) + 1)
+            ax.plot(
+                tasks,
+                entry["importance_mean_per_task"],
+                marker="o",
+                ms=3,
+                color=color,
+                label=f"{method}: mean importance",
+            )
+            ax.plot(
+                tasks,
+                entry["head_scale_per_task"],
+                marker="s",
+                ms=3,
+                linestyle="--",
+                color=color,
+                label=f"{method}: head scale",
+            )
+        ax.set_xlabel("tasks learned")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean importance A / head-gradient scale")
+        ax.set_title(f"How full the network gets — {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = plots / "spg_capacity.png"
         fig.savefig(path)
         written.append(path)
     return written

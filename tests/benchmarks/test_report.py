@@ -96,3 +96,26 @@ def test_plots_leave_the_process_wide_backend_alone(tmp_path: Path) -> None:
         "![ACC after each task](plots/acc_after_each_task.png)"
         in (run_dir / "table.md").read_text()
     )
+
+
+def test_per_task_series_are_seed_means_and_get_their_plots(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path / "run")
+    epochs = {0: [30, 50], 1: [40, 70]}
+    capacity = {0: [0.2, 0.5], 1: [0.4, 0.7]}
+    for seed in MATRICES:
+        path = run_dir / "runs" / "naive" / f"seed{seed}" / "result.json"
+        result = json.loads(path.read_text())
+        result["epochs_per_task"] = epochs[seed]
+        result["spg_capacity_per_task"] = [
+            {"mean": m, "above_0.5": 0.0, "above_0.9": 0.0, "head_scale": 1 - m}
+            for m in capacity[seed]
+        ]
+        path.write_text(json.dumps(result))
+    text = write_report(run_dir)
+    entry = json.loads((run_dir / "summary.json").read_text())["methods"]["naive"]
+    assert entry["epochs_per_task_mean"] == [35, 60]
+    assert entry["importance_mean_per_task"] == pytest.approx([0.3, 0.6])
+    assert entry["head_scale_per_task"] == pytest.approx([0.7, 0.4])
+    for name in ("epochs_per_task.png", "spg_capacity.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 1000
+        assert f"(plots/{name})" in text
