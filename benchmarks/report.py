@@ -153,7 +153,7 @@ def markdown_table(run_dir: Path) -> str:
         f"{settings.get('epochs')} epochs per task"
         if config.get("protocol") == "quick"
         else f"at most {settings.get('epochs')} epochs per task (early stopping)",
-        f"SGD lr {settings.get('lr')}",
+        f"{'Adam' if settings.get('optimizer') == 'adam' else 'SGD'} lr {settings.get('lr')}",
         f"batch {settings.get('batch_size')}",
         f"backbone {settings.get('backbone', '?')}",
     ]

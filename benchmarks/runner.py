@@ -65,6 +65,17 @@ class RunSpec:
     backbone: str = "auto"
     #: Evaluate every task with its own normalisation statistics (``TaskNormStatsPlugin``).
     task_norm_stats: bool = False
+    #: ``sgd`` (plain SGD, every protocol's default) or ``adam``.
+    optimizer: str = "sgd"
+
+
+def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD (no momentum, no weight decay, as in the paper) or Adam (torch's defaults)."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adam")
 
 
 def seed_everything(seed: int) -> None:
@@ -245,7 +256,7 @@ def run_one(
         evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     ctx = StrategyContext(
         model=model,
-        make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr),
+        make_optimizer=lambda m: _make_optimizer(spec.optimizer, m, lr),
         train_mb_size=per_rank_batch_size(protocol.batch_size, spec.world_size),
         train_epochs=protocol.epochs,
         eval_mb_size=protocol.eval_batch_size,

@@ -67,6 +67,8 @@ def test_unknown_method_lists_the_valid_ones(capsys: pytest.CaptureFixture[str])
         (["--backbone", "alexnet"], "needs images of at least 10x10"),
         (["--scenario", "class", "--backbone", "resnet"], "task scenario"),
         (["--scenario", "class", "--task-norm-stats"], "task labels at test time"),
+        (["--optimizer", "adam"], "--optimizer adam needs an explicit --lr"),
+        (["--optimizer", "rmsprop"], "invalid choice"),
         (["--hparam", "spg.mask=bogus"], "mask must be 'grad' or 'update', got 'bogus'"),
         (["--hparam", "spg+lwf.head_rule=1"], "head_rule must be 'mean' or 'none', got 1"),
         (["--hparam", "spg.importance_batch_size=0"], "importance_batch_size"),
@@ -201,3 +203,19 @@ def test_duplicate_seeds_run_once(tmp_path: Path, capsys: pytest.CaptureFixture[
     argv = ["--methods", "naive", "--epochs", "1", "--max-train-per-task", "20", "--no-plots"]
     assert main([*argv, "--seeds", "3", "3", "--no-progress", "--out", str(tmp_path)]) == 0
     assert "1 run(s) to do" in capsys.readouterr().out
+
+
+def test_optimizer_is_a_setting_only_when_not_sgd() -> None:
+    import torch
+
+    from benchmarks.runner import _make_optimizer
+
+    parser = build_parser()
+    sgd = resolve_settings(parser.parse_args([]))
+    adam = resolve_settings(parser.parse_args(["--optimizer", "adam", "--lr", "0.001"]))
+    assert "optimizer" not in sgd and adam["optimizer"] == "adam" and adam["lr"] == 0.001
+    model = torch.nn.Linear(2, 2)
+    plain = _make_optimizer("sgd", model, 0.1)
+    assert type(plain) is torch.optim.SGD
+    assert plain.param_groups[0]["momentum"] == 0 and plain.param_groups[0]["weight_decay"] == 0
+    assert type(_make_optimizer("adam", model, 0.001)) is torch.optim.Adam
