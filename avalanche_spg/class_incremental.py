@@ -1,9 +1,9 @@
 """SPG beyond the paper: one shared, growing classifier and no task labels (class-incremental).
 
-The paper (and ``spg-algorithm.md``) is task-incremental: one head per task, the task label known
-at test time. In a class-incremental stream there is a single head whose rows are the classes seen
-so far. ``SPGPlugin(class_incremental=True)`` maps SPG onto it as follows, with *class groups*
-(the classes of each experience) playing the role of task heads:
+The paper is task-incremental: one head per task, the task label known at test time. In a
+class-incremental stream there is a single head whose rows are the classes seen so far.
+``SPGPlugin(class_incremental=True)`` maps SPG onto it as follows, with *class groups* (the
+classes of each experience) playing the role of task heads:
 
 Feature extractor (every trainable parameter outside the classifier)
     As in the paper, with the logits of class group ``j`` in place of head ``j``: the current
@@ -24,7 +24,16 @@ Classifier rows (the parameters that :meth:`SPGPlugin.split_parameters` calls he
 
 Everything is computed by the machinery of :mod:`avalanche_spg.importance_pass` (the model called
 as training calls it, its state left as found) with the straightforward loop: one forward and
-backward per group and reference minibatch, in float32, on the experience's own training data.
+backward per group and reference minibatch, in float32, on the experience's own training data
+(``docs/algorithm.md``, section 6).
+
+Under ``torch.distributed`` each process takes the positions ``rank, rank + world, ...`` and the
+summed gradients are added across processes before they are standardised, as in the
+task-incremental pass (``docs/algorithm.md``, section 5, "Several processes"): a sample's
+cross-entropy is weighted by ``1 / len(its reference minibatch)``, so the sum is the
+single-process one. Modules that normalise with the statistics of their minibatch see other
+minibatches on a shard than in one process, so only models without them get exactly the
+single-process importance (up to rounding).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from avalanche_spg.importance import standardized_importance
 from avalanche_spg.importance_pass import (
+    GradReducer,
     ModelForward,
     ModelState,
     _Batches,
@@ -69,7 +79,11 @@ def row_importance(grad: Tensor, rows: Sequence[int]) -> Tensor:
 class _ClassGroups(_Pass):
     """The importance pass with class groups as heads: the current loss is the training loss
     (cross-entropy over the whole output, minibatch mean), an earlier group's loss the sum of
-    its classes' logits (``head`` indexes ``groups``)."""
+    its classes' logits (``head`` indexes ``groups``).
+
+    On the reference minibatches (``reference_batches``) the current loss is the minibatch
+    mean itself; on any other grouping of the samples (a shard of them) it is the same sum in
+    per-sample form, each sample weighted by ``1 / len(its reference minibatch)``."""
 
     def __init__(
         self,
@@ -79,11 +93,15 @@ class _ClassGroups(_Pass):
         batches: _Batches,
         params: list[nn.Parameter],
         groups: list[list[int]],
+        reference_batches: bool,
     ) -> None:
         super().__init__(model, forward, state, batches, params, [])
         self.groups = groups
+        self.reference_batches = reference_batches
 
     def current_loss(self, x: Tensor, y: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        if not self.reference_batches:
+            return super().current_loss(x, y, t, w)
         return F.cross_entropy(self.call(x, t), y)
 
     def old_head_loss(self, x: Tensor, t: Tensor, head: int) -> Tensor:
@@ -105,6 +123,9 @@ def compute_gamma_class_incremental(
     batch_size: int,
     num_workers: int = 0,
     forward: ModelForward | None = None,
+    indices: Sequence[int] | None = None,
+    total_samples: int | None = None,
+    grad_reducer: GradReducer | None = None,
 ) -> dict[str, Tensor]:
     """``gamma`` of one class-incremental experience (see the module docstring).
 
@@ -122,6 +143,13 @@ def compute_gamma_class_incremental(
     :param num_workers: DataLoader workers.
     :param forward: the calling convention, ``forward(model, x, task_labels)`` with one label
         per sample (``None``: Avalanche's).
+    :param indices: positions in ``dataset`` this process handles (default: all), as for
+        :func:`avalanche_spg.importance_pass.compute_gamma`: each sample's cross-entropy is then
+        weighted by its *global* reference minibatch, so per-process sums add up to the
+        single-process sum.
+    :param total_samples: size of the whole experience when ``indices`` is a shard.
+    :param grad_reducer: called on every term's summed gradients (feature and row parameters)
+        before they are standardised, e.g. a summing all-reduce across processes.
     :return: ``{name: gamma}`` for every feature and row parameter, float32.
     """
     if batch_size < 1:
@@ -129,7 +157,9 @@ def compute_gamma_class_incremental(
     current = sorted({int(c) for c in current_classes})
     groups = [sorted({int(c) for c in g} - set(current)) for g in previous_groups]
     groups = [g for g in groups if g]
-    positions = list(range(len(dataset)))  # type: ignore[arg-type]
+    n_total = len(dataset) if total_samples is None else int(total_samples)  # type: ignore[arg-type]
+    everything = list(range(n_total))
+    positions = everything if indices is None else [int(i) for i in indices]
     loader = DataLoader(
         Subset(dataset, positions),
         batch_size=batch_size,
@@ -137,7 +167,7 @@ def compute_gamma_class_incremental(
         collate_fn=getattr(dataset, "collate_fn", None),
         num_workers=num_workers,
     )
-    weights = reference_sample_weights(positions, batch_size, len(positions))
+    weights = reference_sample_weights(positions, batch_size, n_total)
     feature_names = list(feature_params)
     row_names = list(row_params)
     all_params = [feature_params[n] for n in feature_names] + [row_params[n] for n in row_names]
@@ -154,11 +184,15 @@ def compute_gamma_class_incremental(
     with preserved_model_state(model) as state, torch.enable_grad():
         enter_pass_mode(model)
         batches = _Batches(loader, weights, torch.device(device), 0)
-        run = _ClassGroups(model, forward, state, batches, all_params, groups)
+        # All positions in order: the loader's minibatches are the reference minibatches.
+        reference_batches = positions == everything
+        run = _ClassGroups(model, forward, state, batches, all_params, groups, reference_batches)
         for group in [None, *range(len(groups))]:  # None: the current loss
             sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
             model.zero_grad(set_to_none=True)
             _shared_batch_loop(run, [group], [sums])
+            if grad_reducer is not None:
+                grad_reducer(sums)
             for name, param, summed in zip(feature_names, all_params, sums):
                 fold(name, standardized_importance(summed, like=param))
             if group is None:
