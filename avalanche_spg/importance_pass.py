@@ -63,11 +63,10 @@ Two implementations give the same result:
 
 With no dropout the two methods agree up to float rounding, and bit for bit (on CPU) when the
 fast pass uses the reference batch size and the loop of per-head backward passes. Rounding
-differences come from summing the gradients in another order, and a gradient sum with heavy
-cancellation amplifies them (measured: about 1e-6 on digit images; 1e-5 and more for an
-untrained CNN fed zero-mean Gaussian noise, whose first-layer sums cancel almost entirely).
-With dropout the two methods differ in which random masks each head sees (here all heads share
-one).
+differences come from summing the gradients in another order; standardisation amplifies them
+where a gradient sum cancels almost entirely (an untrained network's first layer fed zero-mean
+noise, say), since such a sum is mostly rounding error. With dropout the two methods differ
+in which random masks each head sees (here all heads share one).
 
 Safety nets of the fast path: if there is no classifier to tap, if a feature parameter lives
 inside it, or if the model's output is not the classifier's output on the captured features
@@ -123,11 +122,10 @@ GradReducer = Callable[[list[Tensor]], None]
 #: as the training loop calls the model (Avalanche: ``avalanche_forward``).
 ModelForward = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
-#: Default number of samples per minibatch of the fast pass, per device type. Measured on CPU
-#: after task 9 (pass time, reference batch 64): the AlexNet-like CNN is fastest at 128 (64:
-#: 10 % slower, 256 and 512: 25-30 % slower, its activations outgrow the caches), the MLP
-#: gains up to 512 (128: 1.3x faster than 64). On a GPU larger batches amortise kernel
-#: launches and Python overhead.
+#: Default number of samples per minibatch of the fast pass, per device type. On a CPU, large
+#: enough to amortise the per-minibatch overhead, small enough that a convolutional network's
+#: activations stay in the caches; on a GPU larger batches amortise kernel launches and Python
+#: overhead. The pass's cost is reported in ``benchmarks/results/perf.md``.
 _TARGET_PASS_BATCH = {"cpu": 128, "cuda": 512}
 #: With ``vectorize_heads``, at most this many cotangent rows (heads x samples) per batched
 #: backward call, which bounds the memory of the batched activation gradients.
@@ -468,9 +466,10 @@ def compute_gamma(
         (e.g. an all-reduce across ranks).
     :param num_workers: DataLoader workers for the pass.
     :param vectorize_heads: fast pass only: run the per-head backward passes as one batched
-        (``vmap``) call per minibatch instead of a loop. Same result up to rounding; measured
-        slower than the loop on CPU, not yet measured on GPU (hence off by default). Falls
-        back to the loop if the model uses an operation without a batching rule.
+        (``vmap``) call per minibatch instead of a loop. Same result up to rounding; off by
+        default because whether it is faster depends on the model and the device (see
+        ``benchmarks/results/perf.md``). Falls back to the loop if the model uses an
+        operation without a batching rule.
     :param forward: the calling convention, ``forward(model, x, task_labels)`` with one label
         per sample. ``None``: Avalanche's (:func:`avalanche_convention`); older heads are then
         ignored for a model that takes no task labels.
@@ -586,8 +585,8 @@ def _fold_abs_z(running: Tensor | None, summed: Tensor) -> Tensor | None:
 
     :func:`avalanche_spg.importance.standardized_importance` computes, per head,
     ``|tanh((G - mean) / std)|`` clamped below 1, with all its guards, and the pass then takes
-    the elementwise max over heads: about a dozen passes over every parameter per head, which
-    after task 9 cost as much as the backward passes of a small experience. Here each head
+    the elementwise max over heads: about a dozen passes over every parameter per head, as
+    many as the head's backward pass on a small experience makes. Here each head
     only contributes ``|z|`` to a running maximum and ``tanh``/clamp run once at the end:
     ``max_j |tanh(z_j)| = tanh(max_j |z_j|)`` since ``tanh`` is odd and increasing (and its
     float implementation is odd and monotone, so the values are the same). The operations on

@@ -2,23 +2,22 @@
 
 ``quick``
     A fixed number of epochs per task (``--epochs``, default 5; 10 at batch 32 on the small
-    digits streams), plain SGD (no momentum, no
-    weight decay) with one learning rate for every method, no validation split. Backbones:
+    digits streams), plain SGD (no momentum, no weight decay) with one learning rate for every
+    method, no validation split. Backbones:
     :class:`~avalanche_spg.models.MultiHeadMLP` with two hidden layers (64-64 for the 8x8
     digits, 256-256 for the 28x28 MNIST-likes) and, for the 32x32 colour datasets,
     :class:`~avalanche_spg.models.AlexNetLike` narrowed to 512 hidden units without dropout.
 
 ``paper``
-    ``spg-algorithm.md`` §4: the AlexNet-like backbone (for the 8x8 digits, which are too small
-    for its convolutions, the 256-256 MLP), SGD lr 0.25, batch 64, a fresh optimizer (and lr)
-    for every task, 10 % of each task's training data held out for validation,
-    ``ReduceLROnPlateau`` on the validation loss (factor 1/3, patience 4, minimum lr 1e-3),
-    early stop once the lr is at its floor and the validation loss has not improved for 5
-    epochs (at most 500 epochs), and the best-validation weights restored at the end of
-    every experience — by :class:`benchmarks.plugins.PlateauEarlyStopping`, which the suite
-    places *before* ``SPGPlugin`` so that SPG's importance is computed on the restored
-    weights. Dropout: the paper's tuned values for C-10/C-20/T-10/T-20, the backbone defaults
-    elsewhere.
+    The SPG paper's experimental setup (its Section 4 and appendix): the AlexNet-like backbone (for
+    the 8x8 digits, which are too small for its convolutions, the 256-256 MLP), SGD lr 0.25, batch
+    64, a fresh optimizer (and lr) for every task, 10 % of each task's training data held out for
+    validation, ``ReduceLROnPlateau`` on the validation loss (factor 1/3, patience 4, minimum lr
+    1e-3), early stop once the lr is at its floor and the validation loss has not improved for 5
+    epochs (at most 500 epochs), and the best-validation weights restored at the end of every
+    experience — by :class:`benchmarks.plugins.PlateauEarlyStopping`, which the suite places
+    *before* ``SPGPlugin`` so that SPG's importance is computed on the restored weights. Dropout:
+    the paper's tuned values for C-10/C-20/T-10/T-20, the backbone defaults elsewhere.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ __all__ = [
 
 PROTOCOLS = ("quick", "paper")
 
-#: Tuned dropout (drop1, drop2) of the SPG paper (spg-algorithm.md §4).
+#: The SPG paper's tuned dropout (drop1, drop2) per sequence (its experimental setup).
 PAPER_DROPOUT: dict[str, tuple[float, float]] = {
     "c10": (0.3135, 0.4093),
     "c20": (0.4956, 0.4850),
