@@ -261,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="keep at most N training samples per task (random, seeded; equal per class on "
-        "split streams; each permuted task draws its own subset). Test sets are never cut",
+        "split streams; each permuted task draws its own subset). Test sets are not cut (see --max-test-per-task)",
+    )
+    data.add_argument(
+        "--max-test-per-task",
+        type=_positive_int,
+        metavar="N",
+        help="evaluate on at most N test samples per task (random, seeded). Off by default; for "
+        "CPU measurements of slow backbones, and written in the tables",
     )
     data.add_argument(
         "--train-fraction",
@@ -365,6 +372,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             getattr(args, "backbone", "auto"), args.protocol, SOURCE_SHAPES[info.source]
         ),
     }
+    if getattr(args, "max_test_per_task", None) is not None:
+        # Only present when set, so the other directories' hashes are unchanged.
+        settings["max_test_per_task"] = args.max_test_per_task
     if getattr(args, "optimizer", "sgd") != "sgd":
         # Only present when not the default, so SGD settings (and their hashes) are unchanged.
         settings["optimizer"] = args.optimizer
@@ -542,6 +552,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
                             max_train_per_task=args.max_train_per_task,
                             train_fraction=args.train_fraction,
                             validation_fraction=protocol.validation_fraction,
+                            max_test_per_task=args.max_test_per_task,
                             download=not args.no_download,
                         )
                     if class_scenario:

@@ -334,6 +334,7 @@ def build_stream(
     max_train_per_task: int | None = None,
     train_fraction: float | None = None,
     validation_fraction: float = 0.0,
+    max_test_per_task: int | None = None,
     download: bool = True,
     loader: Callable[[str, str, bool], tuple[Tensor, ...]] | None = None,
 ) -> TaskStream:
@@ -350,6 +351,10 @@ def build_stream(
         ``max_train_per_task``).
     :param validation_fraction: hold out this fraction of each task's (kept) training samples
         as its validation set (the ``paper`` protocol uses 0.1).
+    :param max_test_per_task: evaluate on at most this many test samples per task (a random
+        subset drawn with its own generator, so the training data do not change). Off by
+        default: a cut test set is for CPU measurements of slow backbones, and says so in the
+        tables.
     :param download: allow torchvision / Avalanche to download a missing dataset.
     :param loader: replaces :func:`load_source` (tests).
     """
@@ -359,6 +364,8 @@ def build_stream(
         raise ValueError(f"max_train_per_task must be >= 1, got {max_train_per_task}")
     if train_fraction is not None and not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    if max_test_per_task is not None and max_test_per_task < 1:
+        raise ValueError(f"max_test_per_task must be >= 1, got {max_test_per_task}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     info = BENCHMARKS[name]
@@ -394,6 +401,13 @@ def build_stream(
             valid, train = perm[:n_valid].sort().values, perm[n_valid:].sort().values
             task.x_valid, task.y_valid = task.x_train[valid], task.y_train[valid]
             task.x_train, task.y_train = task.x_train[train], task.y_train[train]
+
+    if max_test_per_task is not None:
+        test_generator = torch.Generator().manual_seed(20_000 + seed)
+        for task in tasks:
+            if max_test_per_task < len(task.y_test):
+                chosen = _subsample(len(task.y_test), max_test_per_task, test_generator)
+                task.x_test, task.y_test = task.x_test[chosen], task.y_test[chosen]
 
     description: dict[str, Any] = {
         "benchmark": name,

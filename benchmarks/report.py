@@ -159,6 +159,8 @@ def markdown_table(run_dir: Path) -> str:
     ]
     if settings.get("max_train_per_task"):
         details.append(f"at most {settings['max_train_per_task']} training samples per task")
+    if settings.get("max_test_per_task"):
+        details.append(f"at most {settings['max_test_per_task']} test samples per task")
     if settings.get("train_fraction"):
         details.append(f"{settings['train_fraction']:g} of each task's training data")
     scenario = (

@@ -222,3 +222,18 @@ def test_unknown_benchmark_and_bad_arguments() -> None:
         data.build_stream("split-digits", seed=0, train_fraction=1.5)
     with pytest.raises(ValueError, match="max_train_per_task"):
         data.build_stream("split-digits", seed=0, max_train_per_task=0)
+
+
+def test_max_test_per_task_cuts_test_sets_only_and_leaves_training_unchanged() -> None:
+    full = data.build_stream("split-digits", seed=1, max_train_per_task=40)
+    cut = data.build_stream("split-digits", seed=1, max_train_per_task=40, max_test_per_task=15)
+    assert cut.description["test_per_task"] == [15] * 5
+    for a, b in zip(full.tasks, cut.tasks):
+        assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+        # every kept test sample is one of the task's own, with its label
+        rows = {tuple(x.tolist()): int(y) for x, y in zip(a.x_test.flatten(1), a.y_test)}
+        assert all(rows[tuple(x.tolist())] == int(y) for x, y in zip(b.x_test.flatten(1), b.y_test))
+    again = data.build_stream("split-digits", seed=1, max_train_per_task=40, max_test_per_task=15)
+    assert all(torch.equal(a.x_test, b.x_test) for a, b in zip(cut.tasks, again.tasks))
+    with pytest.raises(ValueError, match="max_test_per_task must be >= 1, got 0"):
+        data.build_stream("split-digits", seed=1, max_test_per_task=0)
