@@ -1,5 +1,6 @@
 """pytest configuration shared by the whole suite: deterministic seeds, one CPU thread, quiet
-Avalanche warnings, and session-wide digits benchmarks."""
+Avalanche warnings, and session-wide digits data and benchmarks (read them, never write them:
+every test of the session sees the same objects)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import make_digits_benchmark, set_seed  # noqa: E402
+from helpers import digits_tensors, make_digits_benchmark, set_seed  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,12 +37,18 @@ def _deterministic() -> None:
 
 
 @pytest.fixture(scope="session")
-def digits_til() -> Any:
-    """Digits in 5 task-incremental experiences (2 classes each, task labels 0..4)."""
-    return make_digits_benchmark(5)
+def digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits, ``(x, y)`` in a fixed shuffled order (``helpers.digits_tensors``)."""
+    return digits_tensors()
 
 
 @pytest.fixture(scope="session")
-def digits_til_small() -> Any:
+def digits_til(digits: tuple[Tensor, Tensor]) -> Any:
+    """Digits in 5 task-incremental experiences (2 classes each, task labels 0..4)."""
+    return make_digits_benchmark(5, data=digits)
+
+
+@pytest.fixture(scope="session")
+def digits_til_small(digits: tuple[Tensor, Tensor]) -> Any:
     """A smaller digits stream (about 100 training samples per experience) for quick checks."""
-    return make_digits_benchmark(5, n_train=500, n_test=200)
+    return make_digits_benchmark(5, n_train=500, n_test=200, data=digits)

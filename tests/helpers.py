@@ -9,7 +9,6 @@ compare the plugin against it.
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -45,10 +44,10 @@ class TensorDigits(Dataset):
         return self.x[index], int(self.y[index])
 
 
-@functools.cache
 def digits_tensors() -> tuple[Tensor, Tensor]:
     """scikit-learn's 1,797 real 8x8 digits as ``(x in [0, 1], float32, (N, 64); y, int64)``,
-    in a fixed shuffled order (so any prefix holds every class)."""
+    in a fixed shuffled order (so any prefix holds every class). Fresh tensors on every call
+    (a few tens of milliseconds); tests share one copy through the ``digits`` fixture."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -67,18 +66,22 @@ def make_digits_benchmark(
     seed: int = 0,
     fixed_class_order: Sequence[int] | None = None,
     classes: Sequence[int] | None = None,
+    data: tuple[Tensor, Tensor] | None = None,
 ) -> Any:
     """A class-split benchmark on digits (task-incremental by default: 2 classes per task,
     labels from 0 in every task). ``n_train``/``n_test`` take prefixes of the shuffled data
-    (after keeping only ``classes``, if given)."""
-    x, y = digits_tensors()
+    (after keeping only ``classes``, if given). ``data``: the digits (``digits_tensors()``) if
+    already loaded; the benchmark holds copies, never views of them."""
+    x, y = digits_tensors() if data is None else data
     if classes is not None:
         keep = torch.isin(y, torch.tensor(list(classes)))
         x, y = x[keep], y[keep]
     if n_train + n_test > len(y):
         raise ValueError(f"only {len(y)} digits samples available")
-    train = TensorDigits(x[:n_train], y[:n_train])
-    test = TensorDigits(x[n_train : n_train + n_test], y[n_train : n_train + n_test])
+    train = TensorDigits(x[:n_train].clone(), y[:n_train].clone())
+    test = TensorDigits(
+        x[n_train : n_train + n_test].clone(), y[n_train : n_train + n_test].clone()
+    )
     return nc_benchmark(
         train,
         test,
@@ -223,7 +226,8 @@ class CallbackProbe(SupervisedPlugin):
 
 # ------------------------------------------------------- independent reference implementation
 def _usable(grad: Tensor | None) -> bool:
-    """Spec §1: not None, all finite, not all zero, >= 2 elements, std finite and > 0."""
+    """Usable (``docs/algorithm.md``, section 4): not None, at least 2 elements, all finite,
+    not all zero, std finite and > 0."""
     if grad is None or grad.numel() < 2:
         return False
     g = grad.double()

@@ -13,13 +13,14 @@ without task heads) must give the same result too.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 import torch
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from avalanche.models.utils import avalanche_model_adaptation
-from helpers import PlainMLP, TensorDigits, digits_tensors, make_digits_benchmark, reference_gamma
+from helpers import PlainMLP, TensorDigits, make_digits_benchmark, reference_gamma
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
@@ -40,12 +41,16 @@ def _images(x: Tensor) -> Tensor:
     return img.repeat(1, 3, 1, 1).contiguous()
 
 
-def _stream(images: bool) -> Any:
+Digits = tuple[Tensor, Tensor]  # the ``digits`` fixture of conftest.py
+Trained = tuple[nn.Module, Any]  # a model with 5 trained heads, and its training stream
+
+
+def _stream(digits: Digits, images: bool) -> Any:
     """Digits in 5 tasks; images for the CNN."""
-    benchmark = make_digits_benchmark(N_TASKS, n_train=600, n_test=100)
+    benchmark = make_digits_benchmark(N_TASKS, n_train=600, n_test=100, data=digits)
     if not images:
         return benchmark.train_stream
-    x, y = digits_tensors()
+    x, y = digits
     from avalanche.benchmarks import nc_benchmark
 
     return nc_benchmark(
@@ -91,21 +96,29 @@ def _trained(model: nn.Module, stream: Any, steps: int = 15) -> nn.Module:
     return model
 
 
-_CACHE: dict[str, tuple[nn.Module, Any]] = {}
+# The trained models are built once per module and shared by its tests: the pass leaves a model
+# as it found it (which these tests check), and a test that changes one works on a copy.
+@pytest.fixture(scope="module")
+def mlp(digits: Digits) -> Trained:
+    torch.set_num_threads(1)  # module fixtures run before the per-test setup of conftest.py
+    torch.manual_seed(0)
+    stream = _stream(digits, images=False)
+    return _trained(MultiHeadMLP(64, (32, 24)), stream), stream
 
 
-def _setup(kind: str) -> tuple[nn.Module, Any]:
-    """(model with 5 trained heads, stream) for ``"mlp"`` or ``"alexnet"``, built once."""
-    if kind not in _CACHE:
-        torch.manual_seed(0)
-        if kind == "mlp":
-            stream = _stream(images=False)
-            model: nn.Module = MultiHeadMLP(64, (32, 24))
-        else:
-            stream = _stream(images=True)
-            model = AlexNetLike((3, 12, 12), drop1=0.0, drop2=0.0, hidden=48)
-        _CACHE[kind] = (_trained(model, stream), stream)
-    return _CACHE[kind]
+@pytest.fixture(scope="module")
+def alexnet(digits: Digits) -> Trained:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    stream = _stream(digits, images=True)
+    return _trained(AlexNetLike((3, 12, 12), drop1=0.0, drop2=0.0, hidden=48), stream), stream
+
+
+@pytest.fixture
+def trained(kind: str, request: pytest.FixtureRequest) -> Trained:
+    """The module's ``mlp`` or ``alexnet``, as the test's ``kind`` parameter says."""
+    value: Trained = request.getfixturevalue(kind)
+    return value
 
 
 def _features(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -149,8 +162,8 @@ def _assert_not_trivial(gamma: dict[str, Tensor]) -> None:
 # ------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
 @pytest.mark.parametrize("pass_batch_size", [REF_MB, 23, 48, 128])
-def test_fast_equals_reference_loop(kind: str, pass_batch_size: int) -> None:
-    model, stream = _setup(kind)
+def test_fast_equals_reference_loop(kind: str, pass_batch_size: int, trained: Trained) -> None:
+    model, stream = trained
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     reference = _gamma(model, dataset, [3], [0, 1, 2], method="reference")
     _assert_not_trivial(reference)
@@ -159,10 +172,12 @@ def test_fast_equals_reference_loop(kind: str, pass_batch_size: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
-def test_fast_at_the_reference_batch_size_is_bit_for_bit_the_loop(kind: str) -> None:
+def test_fast_at_the_reference_batch_size_is_bit_for_bit_the_loop(
+    kind: str, trained: Trained
+) -> None:
     """Same minibatches, same kernels: only the forward sharing differs, which changes no
     arithmetic."""
-    model, stream = _setup(kind)
+    model, stream = trained
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     reference = _gamma(model, dataset, [3], [0, 1, 2], method="reference")
     fast = _gamma(model, dataset, [3], [0, 1, 2], method="fast", pass_batch_size=REF_MB)
@@ -170,9 +185,9 @@ def test_fast_at_the_reference_batch_size_is_bit_for_bit_the_loop(kind: str) -> 
 
 
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
-def test_fast_equals_the_independent_spec_loop(kind: str) -> None:
+def test_fast_equals_the_independent_spec_loop(kind: str, trained: Trained) -> None:
     """Against ``helpers.reference_gamma`` (written from ``docs/algorithm.md``, batch means)."""
-    model, stream = _setup(kind)
+    model, stream = trained
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     expected = reference_gamma(model, dataset, [0, 1, 2], 3, REF_MB, _features(model))
     fast = _gamma(model, dataset, [3], [0, 1, 2], method="fast")
@@ -181,8 +196,10 @@ def test_fast_equals_the_independent_spec_loop(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
 @pytest.mark.parametrize("pass_batch_size", [REF_MB, 37])
-def test_vectorized_heads_equal_reference_loop(kind: str, pass_batch_size: int) -> None:
-    model, stream = _setup(kind)
+def test_vectorized_heads_equal_reference_loop(
+    kind: str, pass_batch_size: int, trained: Trained
+) -> None:
+    model, stream = trained
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     reference = _gamma(model, dataset, [3], [0, 1, 2], method="reference")
     fast = _gamma(
@@ -214,8 +231,8 @@ class _MixedTasks(Dataset):
 
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
 @pytest.mark.parametrize("vectorize", [False, True])
-def test_minibatches_with_mixed_task_labels(kind: str, vectorize: bool) -> None:
-    model, stream = _setup(kind)
+def test_minibatches_with_mixed_task_labels(kind: str, vectorize: bool, trained: Trained) -> None:
+    model, stream = trained
     dataset = _MixedTasks(stream)
     assert {int(dataset[i][2]) for i in range(4)} == {2, 3}
     reference = _gamma(model, dataset, [2, 3], [0, 1], method="reference")
@@ -232,9 +249,9 @@ def test_minibatches_with_mixed_task_labels(kind: str, vectorize: bool) -> None:
         assert _max_diff(fast, reference) <= TOL
 
 
-def test_first_task_single_head_and_shards_add_up() -> None:
+def test_first_task_single_head_and_shards_add_up(mlp: Trained) -> None:
     """One head (k = 0), and a two-shard pass whose per-head sums are added by the reducer."""
-    model, stream = _setup("mlp")
+    model, stream = mlp
     dataset = _Indexed(stream[0].dataset.train(), N_SAMPLES)
     reference = _gamma(model, dataset, [0], [], method="reference")
     assert _max_diff(_gamma(model, dataset, [0], [], pass_batch_size=50), reference) <= TOL
@@ -299,9 +316,9 @@ class _CustomFunctionMLP(MultiHeadMLP):
 
 @pytest.mark.parametrize("model_cls", [_ScaledLogits, _CustomFunctionMLP])
 @pytest.mark.parametrize("vectorize", [False, True])
-def test_safety_nets_give_the_reference(model_cls: type, vectorize: bool) -> None:
+def test_safety_nets_give_the_reference(model_cls: type, vectorize: bool, digits: Digits) -> None:
     torch.manual_seed(1)
-    stream = _stream(images=False)
+    stream = _stream(digits, images=False)
     model = model_cls() if model_cls is _ScaledLogits else model_cls(64, (32,))
     model = _trained(model, stream)
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
@@ -311,10 +328,10 @@ def test_safety_nets_give_the_reference(model_cls: type, vectorize: bool) -> Non
     assert _max_diff(fast, reference) <= TOL
 
 
-def test_feature_parameter_inside_the_classifier_still_gets_its_gradient() -> None:
+def test_feature_parameter_inside_the_classifier_still_gets_its_gradient(mlp: Trained) -> None:
     """A user may call part of the classifier a feature: the tap at the classifier's input
     cannot reach it, so the fast path must not use it."""
-    model, stream = _setup("mlp")
+    model, stream = mlp
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     features = dict(_features(model))
     features["classifier.classifiers.3.classifier.weight"] = dict(model.named_parameters())[
@@ -326,10 +343,10 @@ def test_feature_parameter_inside_the_classifier_still_gets_its_gradient() -> No
     assert _max_diff(fast, reference) <= TOL
 
 
-def test_model_without_task_heads() -> None:
+def test_model_without_task_heads(digits: Digits) -> None:
     torch.manual_seed(2)
     model = PlainMLP(hidden=24)
-    x, y = digits_tensors()
+    x, y = digits
     dataset = TensorDigits(x[:N_SAMPLES], y[:N_SAMPLES])
     reference = _gamma(model, dataset, [0], [], method="reference")
     _assert_not_trivial(reference)
@@ -337,8 +354,8 @@ def test_model_without_task_heads() -> None:
     assert _max_diff(fast, reference) <= TOL
 
 
-def test_pass_leaves_no_gradients_and_restores_flags() -> None:
-    model, stream = _setup("alexnet")
+def test_pass_leaves_no_gradients_and_restores_flags(alexnet: Trained) -> None:
+    model, stream = copy.deepcopy(alexnet[0]), alexnet[1]  # its flags are changed below
     model.eval()
     model.fc[0].train()
     flags = {n: m.training for n, m in model.named_modules()}
@@ -346,15 +363,16 @@ def test_pass_leaves_no_gradients_and_restores_flags() -> None:
     _gamma(model, dataset, [3], [0, 1, 2], vectorize_heads=True)
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert all(p.grad is None for p in model.parameters())
-    model.train()
 
 
 @pytest.mark.parametrize("kind", ["mlp", "alexnet"])
-def test_heads_in_groups_under_a_memory_budget_give_the_same_bits(kind: str) -> None:
+def test_heads_in_groups_under_a_memory_budget_give_the_same_bits(
+    kind: str, trained: Trained
+) -> None:
     """Long streams: the per-head summed gradients (one copy of the feature parameters per
     head) are held for a group of heads at a time, one more forward per minibatch and group;
     each head's sum comes from the same operations, so the result is the same bit for bit."""
-    model, stream = _setup(kind)
+    model, stream = trained
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     per_head = sum(p.numel() * 4 for p in _features(model).values())  # float32 sums
     forwards: list[int] = []
@@ -377,10 +395,10 @@ def test_heads_in_groups_under_a_memory_budget_give_the_same_bits(kind: str) -> 
         _gamma(model, dataset, [3], [0, 1, 2], sum_memory_budget=0)
 
 
-def test_a_last_minibatch_element_that_is_not_task_labels_is_refused() -> None:
+def test_a_last_minibatch_element_that_is_not_task_labels_is_refused(mlp: Trained) -> None:
     """Task labels are a minibatch's last element (as Avalanche reads them): anything that
     cannot be per-sample labels gets an error naming what was found."""
-    model, stream = _setup("mlp")
+    model, stream = mlp
     items = _Indexed(stream[3].dataset.train(), 8).items
 
     class _Weights(Dataset):
@@ -395,7 +413,7 @@ def test_a_last_minibatch_element_that_is_not_task_labels_is_refused() -> None:
         _gamma(model, _Weights(), [3], [0, 1, 2])
 
 
-def test_default_pass_batch_size_is_a_multiple_of_the_reference() -> None:
+def test_default_pass_batch_size_is_a_multiple_of_the_reference(mlp: Trained) -> None:
     assert default_pass_batch_size(64, "cpu") == 128
     assert default_pass_batch_size(48, "cpu") == 96
     assert default_pass_batch_size(200, "cpu") == 200
@@ -403,8 +421,8 @@ def test_default_pass_batch_size_is_a_multiple_of_the_reference() -> None:
     assert default_pass_batch_size(48, torch.device("cuda", 0)) == 480
     with pytest.raises(ValueError, match="pass_batch_size"):
         _gamma(
-            *_setup("mlp")[:1],
-            _Indexed(_setup("mlp")[1][0].dataset.train(), 8),
+            mlp[0],
+            _Indexed(mlp[1][0].dataset.train(), 8),
             [0],
             [],
             pass_batch_size=0,
@@ -413,36 +431,35 @@ def test_default_pass_batch_size_is_a_multiple_of_the_reference() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_equals_reference_on_gpu() -> None:
-    model, stream = _setup("alexnet")
+def test_fast_equals_reference_on_gpu(alexnet: Trained) -> None:
+    model, stream = alexnet
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     expected = _gamma(model, dataset, [3], [0, 1, 2], method="reference")
-    model.cuda()
-    try:
-        for vectorize in (False, True):
-            fast = compute_gamma(
-                model,
-                dataset,
-                _features(model),
-                [3],
-                [0, 1, 2],
-                device="cuda",
-                reference_batch_size=REF_MB,
-                vectorize_heads=vectorize,
-            )
-            # TF32 may be on for convolutions: a looser bound than the CPU's
-            assert _max_diff({n: v.cpu() for n, v in fast.items()}, expected) <= 1e-3
-    finally:
-        model.cpu()
+    on_gpu = copy.deepcopy(model).cuda()
+    for vectorize in (False, True):
+        fast = compute_gamma(
+            on_gpu,
+            dataset,
+            _features(on_gpu),
+            [3],
+            [0, 1, 2],
+            device="cuda",
+            reference_batch_size=REF_MB,
+            vectorize_heads=vectorize,
+        )
+        # TF32 may be on for convolutions: a looser bound than the CPU's
+        assert _max_diff({n: v.cpu() for n, v in fast.items()}, expected) <= 1e-3
 
 
-def test_max_over_heads_matches_standardized_importance_with_unusable_heads() -> None:
+def test_max_over_heads_matches_standardized_importance_with_unusable_heads(
+    mlp: Trained,
+) -> None:
     """The pass folds ``|z|`` of each head into a running max and applies tanh once; that must
     equal the max over heads of :func:`standardized_importance`, including the
     unusable gradients (NaN, infinite, all zero, constant), which contribute 0."""
     from avalanche_spg.importance import standardized_importance
 
-    model, stream = _setup("mlp")
+    model, stream = mlp
     dataset = _Indexed(stream[3].dataset.train(), N_SAMPLES)
     seen: list[list[Tensor]] = []
     poison = {

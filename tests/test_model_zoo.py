@@ -35,7 +35,6 @@ from avalanche.models.packnet import PackNetModel
 from helpers import (
     CallbackProbe,
     TensorDigits,
-    digits_tensors,
     make_naive,
     reference_accumulate,
     reference_gamma,
@@ -47,6 +46,8 @@ from torch.utils.data import Dataset
 from avalanche_spg import SPGPlugin
 from avalanche_spg.importance_pass import compute_gamma
 
+Digits = tuple[Tensor, Tensor]  # the ``digits`` fixture of conftest.py
+
 MB = 4  # training minibatch: experiences of 10 samples give minibatches of 4, 4 and 2
 PER_TASK = 10
 N_TASKS = 3
@@ -54,9 +55,10 @@ TOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------- data
-def _digits(per_class: int, image: bool) -> tuple[Tensor, Tensor]:
-    """``per_class`` digits of each class 0-5 (flat 64 features, or 3x32x32 images)."""
-    x, y = digits_tensors()
+def _digits(digits: Digits, per_class: int, image: bool) -> tuple[Tensor, Tensor]:
+    """``per_class`` digits of each class 0-5 (flat 64 features, or 3x32x32 images), copied
+    from the session's ``digits``."""
+    x, y = digits
     keep = torch.cat([(y == c).nonzero().squeeze(1)[:per_class] for c in range(2 * N_TASKS)])
     keep = keep.sort().values
     x, y = x[keep], y[keep]
@@ -66,9 +68,9 @@ def _digits(per_class: int, image: bool) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _benchmark(image: bool) -> Any:
+def _benchmark(digits: Digits, image: bool) -> Any:
     """3 task-incremental experiences of 2 classes and 10 training samples each."""
-    x, y = _digits(PER_TASK // 2 + 2, image)
+    x, y = _digits(digits, PER_TASK // 2 + 2, image)
     train_rows = torch.cat(
         [(y == c).nonzero().squeeze(1)[: PER_TASK // 2] for c in range(2 * N_TASKS)]
     ).sort()
@@ -159,11 +161,11 @@ def _assert_not_trivial(importance: dict[str, Tensor], unreached: str | None = N
 
 # ------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", list(MODELS))
-def test_importance_equals_the_reference_after_three_experiences(name: str) -> None:
+def test_importance_equals_the_reference_after_three_experiences(name: str, digits: Digits) -> None:
     build, image = MODELS[name]
     torch.manual_seed(0)
     model = build()
-    benchmark = _benchmark(image)
+    benchmark = _benchmark(digits, image)
     plugin = SPGPlugin()  # default settings: the fast pass
     strategy = make_naive(model, [plugin], lr=0.05, train_mb_size=MB)
     expected: dict[str, Tensor] = {}
@@ -196,10 +198,10 @@ class _Extra(Dataset):
         return x, y, index % N_TASKS, t
 
 
-def _trained_mlp() -> tuple[nn.Module, Any]:
+def _trained_mlp(digits: Digits) -> tuple[nn.Module, Any]:
     torch.manual_seed(1)
     model = _no_dropout(MTSimpleMLP(input_size=64, hidden_size=24))
-    benchmark = _benchmark(image=False)
+    benchmark = _benchmark(digits, image=False)
     strategy = make_naive(model, [], lr=0.1, train_mb_size=MB)
     for experience in benchmark.train_stream:
         strategy.train(experience)
@@ -207,8 +209,8 @@ def _trained_mlp() -> tuple[nn.Module, Any]:
 
 
 @pytest.mark.parametrize("method", ["fast", "reference"])
-def test_task_labels_are_the_last_element_of_a_minibatch(method: str) -> None:
-    model, benchmark = _trained_mlp()
+def test_task_labels_are_the_last_element_of_a_minibatch(method: str, digits: Digits) -> None:
+    model, benchmark = _trained_mlp(digits)
     dataset = _Extra(benchmark.train_stream[2].dataset.train())
     features = {n: p for n, p in model.named_parameters() if n in _features(model)}
     expected = reference_gamma(model, dataset, [0, 1], 2, MB, features)
@@ -256,12 +258,14 @@ class _Interleaved(Dataset):
 
 @pytest.mark.parametrize("model_cls", [_BatchNormMLP, _BatchNormWholeBatch])
 @pytest.mark.parametrize("pass_batch_size", [None, 7])
-def test_batch_norm_minibatches_mixing_tasks(model_cls: type, pass_batch_size: int | None) -> None:
+def test_batch_norm_minibatches_mixing_tasks(
+    model_cls: type, pass_batch_size: int | None, digits: Digits
+) -> None:
     """The fast pass sees the reference's minibatches and groups them by task exactly where the
     model does (a requested pass batch size cannot change that)."""
     torch.manual_seed(2)
     model = model_cls()
-    benchmark = _benchmark(image=False)
+    benchmark = _benchmark(digits, image=False)
     strategy = make_naive(model, [], lr=0.1, train_mb_size=MB)
     for experience in benchmark.train_stream:
         strategy.train(experience)
@@ -331,12 +335,12 @@ def _assert_same_state(after: dict[str, Any], before: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("method", ["fast", "reference"])
-def test_the_pass_changes_nothing_of_the_model(method: str) -> None:
+def test_the_pass_changes_nothing_of_the_model(method: str, digits: Digits) -> None:
     """Nothing changes (BatchRenorm2D statistics included), and a module the strategy keeps in
     eval mode stays in eval mode during the pass too."""
     torch.manual_seed(3)
     model = _Renormed()
-    benchmark = _benchmark(image=True)
+    benchmark = _benchmark(digits, image=True)
     states: list[tuple[dict[str, Any], dict[str, Any]]] = []
     frozen_modes: list[bool] = []
     renorm_modes: list[bool] = []
@@ -375,11 +379,11 @@ def test_the_pass_changes_nothing_of_the_model(method: str) -> None:
     assert not torch.equal(model.renorm.running_avg_mean, torch.zeros(1, 4, 1, 1))
 
 
-def test_a_direct_call_restores_batch_norm_statistics_and_flags() -> None:
+def test_a_direct_call_restores_batch_norm_statistics_and_flags(digits: Digits) -> None:
     """``compute_gamma`` itself leaves the model as it found it (not only the plugin)."""
     torch.manual_seed(4)
     model = _BatchNormMLP()
-    benchmark = _benchmark(image=False)
+    benchmark = _benchmark(digits, image=False)
     strategy = make_naive(model, [], lr=0.1, train_mb_size=MB)
     for experience in benchmark.train_stream[:2]:
         strategy.train(experience)
@@ -403,12 +407,12 @@ def test_a_direct_call_restores_batch_norm_statistics_and_flags() -> None:
         assert all(p.grad is None for p in model.parameters())
 
 
-def test_a_model_entirely_in_eval_mode_is_run_in_train_mode() -> None:
+def test_a_model_entirely_in_eval_mode_is_run_in_train_mode(digits: Digits) -> None:
     """The paper's train mode (batch statistics, dropout): only a model found entirely in eval
     mode is switched (a strategy that keeps some modules in eval mode keeps them so)."""
     torch.manual_seed(5)
     model = _BatchNormMLP()
-    benchmark = _benchmark(image=False)
+    benchmark = _benchmark(digits, image=False)
     strategy = make_naive(model, [], lr=0.1, train_mb_size=MB)
     strategy.train(benchmark.train_stream[0])
     dataset = benchmark.train_stream[0].dataset.train()
