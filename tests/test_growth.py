@@ -1,6 +1,6 @@
 """Parameters that appear, grow, are frozen or get no gradient; which parameters are heads
-(default, module names, predicate, bad selector). Spec §2 last bullet, avalanche-notes
-"Parameters appear and grow"."""
+(default, module names, predicate, bad selector). ``docs/algorithm.md``, section 4, "Parameters
+that appear or grow": Avalanche creates heads lazily and grows ``IncrementalClassifier``."""
 
 from __future__ import annotations
 

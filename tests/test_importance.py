@@ -1,4 +1,5 @@
-"""The importance math of ``avalanche_spg.importance`` on hand-computed tensors (spec §1)."""
+"""The importance math of ``avalanche_spg.importance`` on hand-computed tensors (paper Section
+3.1; ``docs/algorithm.md``, sections 1, 2 and 4)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def test_importance_in_unit_interval_finite_shaped_and_monotone(digits_til: Any)
 
 
 def test_training_gradients_do_not_leak_into_the_pass(digits_til_small: Any) -> None:
-    """Blog bug 6: leftover .grad must be cleared before the per-head sums start."""
+    """Gradients left in ``.grad`` by training must not enter the per-head sums (the pass zeroes
+    them first: ``docs/algorithm.md``, section 4)."""
 
     def pollute(strategy: Any) -> None:
         for p in strategy.model.parameters():

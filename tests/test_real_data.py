@@ -2,7 +2,7 @@
 into 5 task-incremental experiences of 2 classes, a two-layer multi-head MLP, plain SGD.
 
 SPG must forget much less than Naive (backward transfer closer to 0 by a clear margin) without
-losing average accuracy. Metrics as in the paper (spec §4), read from Avalanche's evaluator:
+losing average accuracy. Metrics as in the paper's experiments, read from Avalanche's evaluator:
 ACC = mean over tasks of the final accuracy, BWT = mean over tasks t < T of (final accuracy on t
 minus accuracy on t right after learning it).
 
