@@ -45,6 +45,8 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from avalanche.logging import BaseLogger
 from torch import Tensor
 
+from avalanche_spg.importance import float64_device
+
 if TYPE_CHECKING:
     from avalanche_spg.plugin import SPGPlugin
 
@@ -71,15 +73,22 @@ LAYER_METRIC = "SPG/layer_mean_importance"
 # ------------------------------------------------------------------------------ pure summaries
 def mean_importance(importance: Mapping[str, Tensor]) -> float | None:
     """Mean of every element of every tensor (``None`` when there is no element)."""
-    total = sum(float(value.double().sum()) for value in importance.values())
+    total = sum(float(_as_float64(value).sum()) for value in importance.values())
     count = sum(value.numel() for value in importance.values())
     return total / count if count else None
+
+
+def _as_float64(value: Tensor) -> Tensor:
+    """``value`` in float64, on the CPU when its device has no float64 (Apple's MPS)."""
+    return value.detach().to(float64_device(value.device)).double()
 
 
 def layer_mean_importance(importance: Mapping[str, Tensor]) -> dict[str, float]:
     """``{parameter name: mean of its importance}`` (empty tensors are left out)."""
     return {
-        name: float(value.double().mean()) for name, value in importance.items() if value.numel()
+        name: float(_as_float64(value).mean())
+        for name, value in importance.items()
+        if value.numel()
     }
 
 

@@ -158,7 +158,7 @@ def _time_importance_pass(strategy: Any) -> tuple[PassMark, PassMark] | None:
 def _capacity(spg: Any) -> dict[str, float]:
     """How much of the feature extractor SPG protects: mean importance, the share of
     parameters above 0.5 and 0.9, and the head-gradient scale ``1 - mean(A)``."""
-    importance = list(spg.importance.values())
+    importance = [v.cpu() for v in spg.importance.values()]  # float64 sums on any device
     total = sum(v.numel() for v in importance)
     if total == 0:
         return {"mean": 0.0, "above_0.5": 0.0, "above_0.9": 0.0, "head_scale": 1.0}
