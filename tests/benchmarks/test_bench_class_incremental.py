@@ -1,5 +1,5 @@
 """``--scenario class``: global labels, task label 0 everywhere, one growing head, SPG in its
-class-incremental mode; end to end on split-digits (1 epoch, naive and spg)."""
+class-incremental mode; end to end on split-digits (8 epochs, naive and spg)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_class_scenario_end_to_end(tmp_path: Path) -> None:
         "--seeds",
         "0",
         "--epochs",
-        "1",
+        "8",
         "--threads",
         "1",
         "--no-progress",
@@ -89,7 +89,18 @@ def test_class_scenario_end_to_end(tmp_path: Path) -> None:
         assert result["n_parameters"] == (64 * 64 + 64) * 2 + 64 * 10 + 10
         matrix = result["matrix"]
         assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
-        assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+        for i, row in enumerate(matrix):
+            for j, (value, n_test) in enumerate(zip(row, result["stream"]["test_per_task"])):
+                # A whole count of task j's test samples...
+                assert value * n_test == pytest.approx(round(value * n_test), abs=1e-6)
+                # ...and none before its classes were seen: their logits are masked.
+                if j > i:
+                    assert value == 0.0, (i, j)
+            # The task just learned is far above guessing among the 2 (i + 1) classes seen.
+            assert row[i] >= 0.75, matrix
     spg = json.loads((out / "runs" / "spg" / "seed0" / "result.json").read_text())
+    naive = json.loads((out / "runs" / "naive" / "seed0" / "result.json").read_text())
+    # On the first task SPG masks nothing and its pass leaves the model as it found it.
+    assert spg["matrix"][0][0] == naive["matrix"][0][0]
     assert spg["hparams"].get("class_incremental") is True
     assert len(spg["spg_capacity_per_task"]) == 5

@@ -165,7 +165,12 @@ def test_paper_protocol_end_to_end(tmp_path: Path) -> None:
     assert len(result["matrix"]) == 5
     assert len(result["epochs_per_task"]) == 5 and max(result["epochs_per_task"]) <= 3
     assert result["stream"]["valid_per_task"] == [4] * 5
-    assert result["protocol"]["lr"] == 0.25 and result["importance_seconds"] > 0
+    assert result["protocol"]["lr"] == 0.25
+    # SPG's importance pass runs at the end of every task, inside its training time.
+    passes, training = result["importance_seconds_per_task"], result["train_seconds_per_task"]
+    assert len(passes) == len(training) == 5
+    assert all(0 < t_pass < t_train for t_pass, t_train in zip(passes, training, strict=True))
+    assert sum(passes) == pytest.approx(result["importance_seconds"])
 
 
 def test_backbones() -> None:
