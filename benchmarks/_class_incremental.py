@@ -130,11 +130,23 @@ class ClassTensorDataPlugin(TensorDataPlugin):
     """
 
     def _exp_batches(
-        self, parts: dict[int, tuple[Tensor, Tensor]], keys: list[int], size: int, shuffle: bool
+        self,
+        parts: dict[int, tuple[Tensor, Tensor]],
+        keys: list[int],
+        size: int,
+        shuffle: bool,
+        shard: bool = False,
     ) -> TensorBatches:
+        import torch.distributed as dist
+
         x = torch.cat([parts[k][0] for k in keys]) if len(keys) > 1 else parts[keys[0]][0]
         y = torch.cat([parts[k][1] for k in keys]) if len(keys) > 1 else parts[keys[0]][1]
-        return TensorBatches(x, y, torch.zeros(len(y), dtype=torch.long), size, shuffle)
+        rank, world = 0, 1
+        if shard and dist.is_available() and dist.is_initialized():
+            # Data-parallel training: each rank takes its share of every global minibatch.
+            rank, world = dist.get_rank(), dist.get_world_size()
+        zeros = torch.zeros(len(y), dtype=torch.long)
+        return TensorBatches(x, y, zeros, size, shuffle, rank, world)
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Training batches of the experience (all experiences for joint training)."""
@@ -148,7 +160,9 @@ class ClassTensorDataPlugin(TensorDataPlugin):
             keys = sorted(self._train)
         else:
             return
-        strategy.dataloader = self._exp_batches(self._train, keys, strategy.train_mb_size, True)
+        strategy.dataloader = self._exp_batches(
+            self._train, keys, strategy.train_mb_size, True, shard=True
+        )
 
     def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Evaluation batches of the test experience, in dataset order."""

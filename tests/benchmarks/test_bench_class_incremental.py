@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,6 +53,38 @@ def test_class_scenario_rejects_methods_that_need_task_labels() -> None:
     check_class_methods(["naive", "ewc", "lwf", "replay", "spg", "spg+replay", "joint"])
     with pytest.raises(SystemExit):
         main(["--scenario", "class", "--methods", "packnet", "--out", "/nonexistent/x"])
+
+
+def test_class_training_batches_are_sharded_under_data_parallel_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under torchrun each rank trains on its share of every global minibatch, as in the task
+    scenario (not on the whole experience, which would double the steps)."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from benchmarks._class_incremental import ClassTensorDataPlugin
+
+    stream = to_class_incremental(build_stream("split-digits", seed=0))
+    task = stream.tasks[1]
+    plugin = ClassTensorDataPlugin({1: (task.x_train, task.y_train)}, {})
+    dataset = TensorDataset(task.x_train, task.y_train)
+    strategy = SimpleNamespace(
+        dataloader=DataLoader(dataset),
+        adapted_dataset=dataset,
+        experience=SimpleNamespace(current_experience=1),
+        train_mb_size=16,
+    )
+    plugin.before_training_exp(strategy)
+    assert (strategy.dataloader.rank, strategy.dataloader.world_size) == (0, 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    strategy.dataloader = DataLoader(dataset)
+    plugin.before_training_exp(strategy)
+    batches = strategy.dataloader
+    assert (batches.rank, batches.world_size, batches.batch_size) == (1, 2, 16)
+    assert len(batches) == -(-len(task.y_train) // 32)  # global minibatches of 2 x 16
 
 
 @pytest.mark.slow
