@@ -23,6 +23,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,8 +34,9 @@ import torch.multiprocessing as mp
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
-from helpers import make_digits_benchmark, make_mlp, make_naive, reference_gamma
+from helpers import CallbackProbe, make_digits_benchmark, make_mlp, make_naive, reference_gamma
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from avalanche_spg import SPGPlugin
 from avalanche_spg.checkpoint import find_plugin, maybe_load_checkpoint, save_checkpoint
@@ -49,6 +51,7 @@ from avalanche_spg.distributed import (
     unwrapped_model,
 )
 from avalanche_spg.plugin import unwrap_model
+from avalanche_spg.process_group import world_size
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 32
@@ -197,9 +200,8 @@ def _build_ddp_strategy(model: nn.Module, plugins: list[SupervisedPlugin], rank_
     )
 
 
-def _worker_main(rank: int, out_dir: str, port: int) -> None:
-    import torch.distributed as dist
-
+def _torchrun_environment(rank: int, port: int) -> None:
+    """The variables torchrun sets, which ``init_distributed`` reads."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -208,6 +210,12 @@ def _worker_main(rank: int, out_dir: str, port: int) -> None:
         WORLD_SIZE=str(WORLD_SIZE),
     )
     torch.set_num_threads(1)
+
+
+def _worker_main(rank: int, out_dir: str, port: int) -> None:
+    import torch.distributed as dist
+
+    _torchrun_environment(rank, port)
     out = Path(out_dir)
     result: dict[str, Any] = {"failures": []}
     try:
@@ -291,11 +299,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(out_dir: Path) -> None:
+def _launch(worker: Callable[[int, str, int], None], out_dir: Path) -> None:
     # fork: the children reuse this process's imports (Avalanche takes seconds to import);
     # they set the same environment variables torchrun sets and initialise through Avalanche.
     context = mp.start_processes(
-        _worker_main,
+        worker,
         args=(str(out_dir), _free_port()),
         nprocs=WORLD_SIZE,
         join=False,
@@ -336,7 +344,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         accuracies.append(_accuracies(strategy.eval(benchmark.test_stream[:N_EXPERIENCES])))
 
     started = time.perf_counter()
-    _launch(out)
+    _launch(_worker_main, out)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return SimpleNamespace(
         out=out,
@@ -394,7 +402,7 @@ def test_sharded_importance_equals_single_process_importance(run: SimpleNamespac
         assert _max_diff(single.importance, distributed) <= 1e-5
         assert saved["after"]["seen_tasks"] == single.seen_tasks
 
-        # And against the test-suite's independent implementation of the spec's pseudocode.
+        # And against the test-suite's independent implementation of docs/algorithm.md, section 1.
         gamma = reference_gamma(
             saved["model"],
             experience.dataset.train(),
@@ -471,6 +479,141 @@ def test_parameter_check_detects_a_difference_and_broadcast_uses_rank_zero(
         assert "features.1.bias" in result["probe_error"]
         assert "features.1.weight" not in result["probe_error"]
         assert result["broadcast"] == "from rank 0"
+
+
+# ------------------------------------------------- class-incremental importance on two ranks
+class _SingleHeadNet(nn.Module):
+    """Two hidden layers and one growing classifier (global labels, no task labels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from avalanche.models import IncrementalClassifier
+
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU())
+        self.classifier = IncrementalClassifier(12, initial_out_features=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def _class_benchmark() -> Any:
+    """Digits, classes 0,1 | 2,3 | 4,5 | ... with global labels and no task labels."""
+    return make_digits_benchmark(
+        5, task_labels=False, n_train=500, n_test=50, fixed_class_order=range(10)
+    )
+
+
+class _ReadLog(Dataset):
+    """An experience's training data that records every position read from it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        self.read.append(int(index))
+        return self.dataset[index]
+
+
+def _class_pass(model: nn.Module, state: dict[str, Any], experience: Any) -> tuple[Any, list[int]]:
+    """``SPGPlugin(class_incremental=True)`` loaded with ``state`` runs its end-of-experience
+    pass on ``model`` (one process, or this rank of a process group): the importance it ends
+    with, and the positions of the experience's data it read."""
+    spg = SPGPlugin(class_incremental=True)
+    spg.load_state_dict(state)
+    data = _ReadLog(experience.dataset.train())
+    stand_in = SimpleNamespace(
+        dataset=data,
+        task_labels=[0],
+        classes_in_this_experience=experience.classes_in_this_experience,
+    )
+    # The per-process minibatch: the reference minibatch is GLOBAL_BATCH in both cases.
+    strategy = SimpleNamespace(
+        model=model,
+        experience=stand_in,
+        device="cpu",
+        train_mb_size=GLOBAL_BATCH // world_size(),
+    )
+    spg.after_training_exp(strategy)
+    return spg.importance, data.read
+
+
+def _class_worker(rank: int, out_dir: str, port: int) -> None:
+    _torchrun_environment(rank, port)
+    out = Path(out_dir)
+    result: dict[str, Any] = {"failures": []}
+    try:
+        setup = init_distributed(seed=0, use_cuda=False)
+        result["world_size"] = setup.world_size
+        saved = torch.load(out / "class_exp2.pt", weights_only=False)
+        model = nn.parallel.DistributedDataParallel(saved["model"])
+        experience = _class_benchmark().train_stream[2]
+        result["importance"], result["read"] = _class_pass(model, saved["before"], experience)
+        cleanup_distributed()
+    except BaseException:
+        result["failures"].append(traceback.format_exc())
+        raise
+    finally:
+        torch.save(result, out / f"class_rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Experiences 0-2 of a class-incremental stream trained in one process; then the pass
+    after experience 2 again, from the plugin's state after experience 1, in this process and
+    on two ranks."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp_class")
+    benchmark = _class_benchmark()
+    model = _SingleHeadNet()
+    spg = SPGPlugin(class_incremental=True)
+    states: list[dict[str, Any]] = []
+    keep = CallbackProbe(after_training_exp=lambda _: states.append(spg.state_dict()))
+    strategy = make_naive(model, [spg, keep], lr=LR, train_mb_size=GLOBAL_BATCH, train_epochs=2)
+    for experience in benchmark.train_stream[:3]:
+        strategy.train(experience)
+    torch.save({"model": model, "before": states[1]}, out / "class_exp2.pt")
+    experience = benchmark.train_stream[2]
+    single, read = _class_pass(copy.deepcopy(model), states[1], experience)
+    _launch(_class_worker, out)
+    return SimpleNamespace(
+        trained=spg.importance,
+        single=single,
+        read=read,
+        n_samples=len(experience.dataset),
+        ranks=[torch.load(out / f"class_rank{r}.pt", weights_only=False) for r in range(2)],
+    )
+
+
+def test_class_incremental_pass_reads_one_shard_per_rank(class_run: SimpleNamespace) -> None:
+    """The current loss and the two earlier class groups: three passes over the data. One
+    process reads every sample in each; rank ``r`` of two only the positions ``r, r + 2, ...``."""
+    n = class_run.n_samples
+    assert n % GLOBAL_BATCH != 0  # a smaller last reference minibatch is covered
+    assert class_run.read == list(range(n)) * 3
+    for rank, result in enumerate(class_run.ranks):
+        assert result["failures"] == [], f"rank {rank}: {result['failures']}"
+        assert result["world_size"] == WORLD_SIZE
+        assert result["read"] == list(range(rank, n, WORLD_SIZE)) * 3
+
+
+def test_class_incremental_sharded_importance_equals_single_process(
+    class_run: SimpleNamespace,
+) -> None:
+    single = class_run.single
+    # The stand-in strategy reproduces what the plugin computed while training.
+    assert all(torch.equal(single[n], class_run.trained[n]) for n in class_run.trained)
+    # Not a comparison of zeros: the features and the rows of every class seen carry importance.
+    assert float(single["features.0.weight"].max()) > 0.3
+    rows = single["classifier.classifier.weight"]
+    assert rows.shape == (6, 12) and all(float(rows[c].max()) > 0.3 for c in range(6))
+    first, second = (result["importance"] for result in class_run.ranks)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert _max_diff(first, single) <= 1e-6
 
 
 # ------------------------------------------------------------------ single-process behaviour
