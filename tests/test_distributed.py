@@ -14,6 +14,10 @@ One run (module fixture) does everything, then the tests read what it recorded:
    0 saves what the single-process checks below need. After experience 1 every rank calls
    ``save_checkpoint`` (only rank 0 may write); after experience 2 every rank resumes from rank
    0's file in a fresh strategy and trains experience 2 again.
+
+A second, smaller run (``class_run``) checks ``SPGPlugin(class_incremental=True)``: its
+end-of-experience pass, from the same state on the same model, in this process and on two
+forked ranks that each read only their shard of the experience.
 """
 
 from __future__ import annotations
