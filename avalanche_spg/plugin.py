@@ -217,15 +217,12 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
 
     # ------------------------------------------------------------------ callbacks
     def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        """Refuse strategies that never call ``before_update`` (masking would be a no-op)."""
-        from avalanche.training.templates import SupervisedMetaLearningTemplate
+        """Refuse, before any step, what SPG cannot serve: a second SPGPlugin, a strategy that
+        never fires ``before_update``, one that does not train a classifier with cross-entropy,
+        ... (:func:`avalanche_spg.compat.check_strategy`)."""
+        from avalanche_spg.compat import check_strategy
 
-        if isinstance(strategy, SupervisedMetaLearningTemplate):
-            raise RuntimeError(
-                f"SPGPlugin cannot work with {type(strategy).__name__}: meta-learning strategies "
-                "(MER, LaMAML) call optimizer.step() themselves and never fire before_update, "
-                "so SPG's gradient masks would silently do nothing."
-            )
+        check_strategy(strategy)
         # Validate the head selection now rather than after the first experience has trained.
         self.split_parameters(strategy.model)
 

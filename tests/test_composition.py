@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from avalanche.training.plugins import (
 )
 from helpers import (
     CallbackProbe,
+    GradRecorder,
     feature_param_names,
     make_mlp,
     make_naive,
@@ -32,6 +34,7 @@ from helpers import (
 from torch import Tensor, nn
 
 from avalanche_spg import SPGPlugin
+from avalanche_spg.compat import SPGCompatibilityError, SPGCompatibilityWarning
 
 N_EXPERIENCES = 3
 
@@ -195,3 +198,58 @@ def test_importance_is_computed_on_the_weights_restored_by_early_stopping(
     last_model.load_state_dict(last_trained, strict=False)
     on_last = reference_gamma(last_model, dataset, [], 0, 32)
     assert max(float((on_last[n] - on_final[n]).abs().max()) for n in on_final) > 1e-3
+
+
+# ------------------------------------------------------------------- one SPG per strategy
+def _two_spg_entries() -> dict[str, Callable[[], list[Any]]]:
+    def same_plugin_twice() -> list[Any]:
+        plugin = SPGPlugin()
+        return [plugin, plugin]
+
+    return {
+        "same_plugin_twice": same_plugin_twice,
+        "two_plugins": lambda: [SPGPlugin(), SPGPlugin(mask="update")],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_two_spg_entries()))
+def test_two_spg_entries_on_one_strategy_are_refused_before_training(
+    digits_til_small: Any, case: str
+) -> None:
+    """Two entries would mask every gradient by (1 - A)^2; refused before any step."""
+    model = make_mlp()
+    probe = GradRecorder()
+    strategy = make_naive(model, [probe, *_two_spg_entries()[case]()])
+    before = snapshot_params(model)
+    with pytest.raises(SPGCompatibilityError, match=r"2 times .*\(1 - A\)\^2"):
+        strategy.train(digits_til_small.train_stream[0])
+    assert probe.records == []  # not even before_training_exp ran
+    after = snapshot_params(model)
+    assert all(torch.equal(after[n], v) for n, v in before.items())
+
+
+def test_a_criterion_spg_does_not_recognise_warns_once(digits_til_small: Any) -> None:
+    """Importance uses cross-entropy whatever the training loss: one warning says so."""
+
+    def smoothed(output: Tensor, target: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(output, target, label_smoothing=0.1)
+
+    strategy = make_naive(make_mlp(), [SPGPlugin()], criterion=smoothed)
+    with pytest.warns(SPGCompatibilityWarning, match="smoothed") as record:
+        for experience in digits_til_small.train_stream[:2]:
+            strategy.train(experience)
+    assert sum(issubclass(w.category, SPGCompatibilityWarning) for w in record) == 1
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [nn.CrossEntropyLoss(), nn.functional.cross_entropy],
+    ids=["CrossEntropyLoss", "functional"],
+)
+def test_cross_entropy_criteria_train_without_a_compatibility_warning(
+    digits_til_small: Any, criterion: Any
+) -> None:
+    strategy = make_naive(make_mlp(), [SPGPlugin()], criterion=criterion)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SPGCompatibilityWarning)
+        strategy.train(digits_til_small.train_stream[0])
