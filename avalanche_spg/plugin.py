@@ -322,6 +322,13 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         reference_batch = self.importance_batch_size or strategy.train_mb_size * _world_size()
         # The model is called as Avalanche's training calls it (avalanche_forward).
         forward, task_aware = avalanche_convention(model)
+        # Under DDP each process takes its shard of the data; the sums are added across them.
+        total = len(dataset)
+        indices: list[int] | None = None
+        reducer = None
+        shard = _distributed_shard(total)
+        if shard is not None:
+            indices, reducer = shard
         if self.class_incremental:
             return compute_gamma_class_incremental(
                 model,
@@ -334,13 +341,10 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 batch_size=reference_batch,
                 num_workers=self.num_workers,
                 forward=forward,
+                indices=indices,
+                total_samples=total,
+                grad_reducer=reducer,
             )
-        total = len(dataset)
-        indices: list[int] | None = None
-        reducer = None
-        shard = _distributed_shard(total)
-        if shard is not None:
-            indices, reducer = shard
         return compute_gamma(
             model,
             dataset,
