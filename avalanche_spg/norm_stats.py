@@ -13,18 +13,27 @@ forgetting in the task-incremental setting, where the task label is known at tes
 
 Training itself is unchanged (the layers keep normalising with minibatch statistics and
 keep updating one shared running estimate). Evaluation experiences whose task was never
-trained, or that mix several tasks, use the shared statistics. This is not part of SPG's paper;
-use it on top of any strategy (``plugins=[SPGPlugin(), TaskNormStatsPlugin()]``).
+trained, or that mix several tasks, use the shared statistics; so do layers added to the model
+after the task was trained (a new column, say), which the task's stored statistics do not
+cover. Statistics are named as in the model inside a data-parallel wrapper, so they are stored
+and loaded the same with and without ``DistributedDataParallel`` (a checkpoint written under
+``torchrun`` resumes in one process). A stored statistic that the model no longer has, or
+whose shape changed, is refused with a ``ValueError`` naming it, before any statistic is
+replaced. This is not part of SPG's paper; use it on top of any strategy
+(``plugins=[SPGPlugin(), TaskNormStatsPlugin()]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
+
+from avalanche_spg.process_group import unwrap_model
 
 __all__ = ["TaskNormStatsPlugin", "normalisation_statistics"]
 
@@ -32,10 +41,11 @@ __all__ = ["TaskNormStatsPlugin", "normalisation_statistics"]
 def normalisation_statistics(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(qualified name, tensor)`` of every running statistic of ``model``'s normalisation
     layers: the buffers of ``torch.nn`` batch/instance norm layers, and tensors held as plain
-    attributes named ``running_*`` (Avalanche's ``BatchRenorm2D`` keeps its statistics so)."""
+    attributes named ``running_*`` (Avalanche's ``BatchRenorm2D`` keeps its statistics so).
+    Names are those of the model inside a ``DistributedDataParallel``/``DataParallel`` wrapper."""
     from torch.nn.modules.batchnorm import _NormBase
 
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap_model(model).named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, _NormBase):
             for name, buffer in module.named_buffers(recurse=False):
@@ -70,15 +80,43 @@ class TaskNormStatsPlugin(SupervisedPlugin):
             }
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        per_task = state.get("per_task")
-        if not isinstance(per_task, dict):
-            raise ValueError(f"expected a dict with a 'per_task' mapping, got {type(state)!r}")
-        self._per_task = {
-            int(t): {str(n): torch.as_tensor(v).clone() for n, v in stats.items()}
-            for t, stats in per_task.items()
-        }
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, all or nothing: a malformed entry raises
+        ``ValueError`` naming it and leaves the plugin as it was."""
+        per_task = state.get("per_task") if isinstance(state, Mapping) else None
+        if not isinstance(per_task, Mapping):
+            raise ValueError(
+                "TaskNormStatsPlugin state must be a mapping with a 'per_task' mapping, got "
+                f"{_shown(state)}"
+            )
+        loaded: dict[int, dict[str, Tensor]] = {}
+        for key, stats in per_task.items():
+            task = _task_label(key)
+            if task is None:
+                raise ValueError(
+                    f"TaskNormStatsPlugin state: per_task must be keyed by task labels (ints), "
+                    f"got {key!r}"
+                )
+            if not isinstance(stats, Mapping):
+                raise ValueError(
+                    f"TaskNormStatsPlugin state: the statistics of task {task} must map names "
+                    f"to tensors, got {_shown(stats)}"
+                )
+            loaded[task] = {}
+            for name, value in stats.items():
+                if not isinstance(name, str):
+                    raise ValueError(
+                        f"TaskNormStatsPlugin state: the statistics of task {task} must be "
+                        f"keyed by their names, got {name!r}"
+                    )
+                try:
+                    loaded[task][name] = torch.as_tensor(value).detach().clone()
+                except (TypeError, ValueError, RuntimeError) as error:
+                    raise ValueError(
+                        f"TaskNormStatsPlugin state: statistic {name!r} of task {task} is not "
+                        f"a tensor: {_shown(value)}"
+                    ) from error
+        self._per_task = loaded
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Store the statistics training left, under the experience's task label(s)."""
@@ -93,10 +131,15 @@ class TaskNormStatsPlugin(SupervisedPlugin):
             return
         stored = self._per_task[labels[0]]
         live = dict(normalisation_statistics(strategy.model))
-        if set(stored) != set(live):
-            return  # the model's normalisation layers changed: shared statistics
+        # Everything is checked before any statistic is replaced.
+        _check_fits(labels[0], stored, live)
         self._shared = {n: v.detach().clone() for n, v in live.items()}
-        _copy_into(live, stored)
+        try:
+            _copy_into(live, stored)
+        except BaseException:
+            _copy_into(live, self._shared)
+            self._shared = None
+            raise
 
     def after_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Put back the statistics training left."""
@@ -106,13 +149,49 @@ class TaskNormStatsPlugin(SupervisedPlugin):
         self._shared = None
 
 
-def _copy_into(targets: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+def _check_fits(task: int, stored: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> None:
+    """``ValueError`` unless every statistic stored for ``task`` is one of the model's, with its
+    shape (statistics of layers added since are not stored: they keep the shared values)."""
+    missing = sorted(set(stored) - set(live))
+    misfits = [
+        f"{name!r}: model {tuple(live[name].shape)}, stored {tuple(value.shape)}"
+        for name, value in stored.items()
+        if name in live and value.shape != live[name].shape
+    ]
+    if missing or misfits:
+        problems = []
+        if missing:
+            problems.append(f"the model has no statistics {missing[:5]}")
+        if misfits:
+            problems.append("shapes differ for " + "; ".join(misfits[:5]))
+        raise ValueError(
+            f"TaskNormStatsPlugin: the normalisation statistics stored for task {task} do not "
+            f"fit the model ({', and '.join(problems)}); the model's normalisation layers "
+            "changed since the task was trained. No statistic was replaced."
+        )
+
+
+def _copy_into(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+    """Copy every statistic of ``values`` into the model's tensor of that name."""
     with torch.no_grad():
-        for name, target in targets.items():
-            value = values[name]
-            if value.shape != target.shape:
-                raise ValueError(
-                    f"normalisation statistic {name!r} has shape {tuple(target.shape)}, the "
-                    f"stored one {tuple(value.shape)}"
-                )
+        for name, value in values.items():
+            target = targets[name]
             target.copy_(value.to(target.device, target.dtype))
+
+
+def _task_label(key: Any) -> int | None:
+    """A task label from a state key (an int, or its decimal string), else ``None``."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, str):
+        return int(key) if key.strip().lstrip("-").isdigit() else None
+    try:
+        return operator.index(key)
+    except TypeError:
+        return None
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -116,3 +116,100 @@ def test_state_round_trip_and_clear_errors() -> None:
         assert "per_task" in str(err)
     else:
         raise AssertionError("a state without 'per_task' was accepted")
+
+
+# ------------------------------------------------------------------ models that changed
+class _TwoNorms(nn.Module):
+    """Two BatchNorm layers (a second one can be left out, or given another width)."""
+
+    def __init__(self, second: int | None = 4) -> None:
+        super().__init__()
+        self.first = nn.BatchNorm1d(3)
+        self.second = nn.BatchNorm1d(second) if second else None
+
+
+def _strategy(model: nn.Module, task: int) -> Any:
+    """A stand-in strategy whose experience has ``task`` as its only task label."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, experience=SimpleNamespace(task_labels=[task]))
+
+
+def _store(plugin: TaskNormStatsPlugin, model: nn.Module, task: int, value: float) -> None:
+    """Fill every statistic of ``model`` with ``value`` and let the plugin store them."""
+    with torch.no_grad():
+        for _, tensor in normalisation_statistics(model):
+            tensor.fill_(value)
+    plugin.after_training_exp(_strategy(model, task))
+
+
+def test_statistics_stored_inside_a_data_parallel_wrapper_load_into_the_plain_model() -> None:
+    """A run under DDP stores the statistics of the wrapped model; the checkpoint holds the
+    plain module (resumed in one process): the task's own statistics must still be used."""
+    model = _TwoNorms()
+    plugin = TaskNormStatsPlugin()
+    _store(plugin, nn.DataParallel(model), task=0, value=2.0)
+    assert sorted(plugin.state_dict()["per_task"][0])[0] == "first.num_batches_tracked"
+    _store(plugin, model, task=1, value=5.0)
+    plugin.before_eval_exp(_strategy(model, 0))
+    assert torch.equal(model.first.running_mean, torch.full((3,), 2.0))
+    plugin.after_eval_exp(_strategy(model, 0))
+    assert torch.equal(model.first.running_mean, torch.full((3,), 5.0))
+
+
+def test_a_layer_added_after_the_task_keeps_the_shared_statistics() -> None:
+    """Task 0 was trained before the second layer existed: its own statistics are loaded for
+    the first layer, the second keeps what training left, and both come back afterwards."""
+    plugin = TaskNormStatsPlugin()
+    _store(plugin, _TwoNorms(second=None), task=0, value=2.0)
+    model = _TwoNorms()
+    _store(plugin, model, task=1, value=5.0)
+    plugin.before_eval_exp(_strategy(model, 0))
+    assert torch.equal(model.first.running_var, torch.full((3,), 2.0))
+    assert model.second is not None
+    assert torch.equal(model.second.running_var, torch.full((4,), 5.0))
+    plugin.after_eval_exp(_strategy(model, 0))
+    assert torch.equal(model.first.running_var, torch.full((3,), 5.0))
+
+
+def test_stored_statistics_that_do_not_fit_are_refused_with_the_model_unchanged() -> None:
+    """A stored statistic of another shape (or one the model no longer has) is named in a
+    ValueError raised before any statistic is replaced; the model keeps its own."""
+    for changed in (_TwoNorms(second=6), _TwoNorms(second=None)):
+        plugin = TaskNormStatsPlugin()
+        _store(plugin, _TwoNorms(), task=0, value=2.0)
+        _store(plugin, changed, task=1, value=5.0)
+        before = _stats(changed)
+        try:
+            plugin.before_eval_exp(_strategy(changed, 0))
+        except ValueError as err:
+            assert "task 0" in str(err) and "second.running_mean" in str(err), str(err)
+        else:
+            raise AssertionError(f"statistics that do not fit {changed} were accepted")
+        for name, value in _stats(changed).items():
+            assert torch.equal(value, before[name]), name
+        plugin.after_eval_exp(_strategy(changed, 0))  # nothing to put back
+        for name, value in _stats(changed).items():
+            assert torch.equal(value, before[name]), name
+
+
+def test_a_malformed_state_is_refused_naming_the_entry_and_nothing_is_replaced() -> None:
+    plugin = TaskNormStatsPlugin()
+    plugin.load_state_dict({"per_task": {0: {"bn.running_mean": [1.0]}}})
+    for bad, named in (
+        ({"per_task": {"zero": {}}}, "'zero'"),
+        ({"per_task": {0: {"bn.running_mean": [1.0]}, 1: [2.0]}}, "task 1"),
+        ({"per_task": {0: {"bn.running_mean": "high"}}}, "'bn.running_mean'"),
+        ({"per_task": {0: {3: [1.0]}}}, "3"),
+        ([("per_task", {})], "per_task"),
+    ):
+        try:
+            plugin.load_state_dict(bad)  # type: ignore[arg-type]
+        except ValueError as err:
+            assert named in str(err), (bad, str(err))
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+        assert plugin.tasks == [0]
+        assert torch.equal(
+            plugin.state_dict()["per_task"][0]["bn.running_mean"], torch.tensor([1.0])
+        )
