@@ -397,6 +397,18 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 f"heads={self.heads!r} takes every trainable parameter), so SPG would protect "
                 "nothing. Select only the task heads as heads."
             )
+        # Importance of a parameter the model does not have at all was measured on another
+        # model (or under other names): it would protect nothing here, silently.
+        names = {name for name, _ in unwrap_model(model).named_parameters()}
+        absent = sorted(set(self._importance) - names)
+        if absent:
+            raise ValueError(
+                f"SPGPlugin: the importance names {len(absent)} parameters the model does not "
+                f"have (e.g. {absent[:5]}; the model's are e.g. {sorted(names)[:5]}), so SPG "
+                "would not protect them. Load the plugin's state with the model it was saved "
+                "with."
+            )
+        # Frozen parameters (not trainable now) keep their importance but need no mask.
         unknown = sorted(set(self._importance) - set(features) - set(heads))
         if unknown and not self._warned_unknown:
             self._warned_unknown = True

@@ -275,3 +275,26 @@ def test_the_head_scale_is_unchanged_bit_for_bit_on_cpu(trained: Any) -> None:
     total = sum(float(v.double().sum()) for v in importance.values())
     count = sum(v.numel() for v in importance.values())
     assert head_scale(importance) == 1.0 - total / count == plugin.head_scale
+
+
+def test_importance_of_parameters_the_model_does_not_have_is_refused_before_training(
+    trained: Any, digits_til_small: Any
+) -> None:
+    """A state saved with another model (here: under a wrapper's names): SPG would protect
+    none of these parameters, so training is refused before the first step (it used to warn
+    and train unmasked), naming them, with the plugin and the model unchanged."""
+    _, trained_plugin = trained
+    state = trained_plugin.state_dict()
+    state["importance"] = {f"module.{n}": v for n, v in state["importance"].items()}
+    state["seen_tasks"] = [0]
+    plugin = SPGPlugin()
+    plugin.load_state_dict(state)
+    loaded = plugin.state_dict()
+    model = make_mlp(hidden=(16, 12))
+    strategy = make_naive(model, [plugin])
+    before = snapshot_params(model)
+    with pytest.raises(ValueError, match=r"module\.features\.1\.weight"):
+        strategy.train(digits_til_small.train_stream[2])
+    after = snapshot_params(model)
+    assert all(torch.equal(after[n], v) for n, v in before.items() if n in after)
+    assert _state_equal(plugin.state_dict(), loaded)
