@@ -5,8 +5,8 @@ Files of a run (``<run dir>/runs/<method>/seed<k>/``):
 
 * ``result.json`` — written (atomically) when the run has finished; a run with this file is
   skipped by the next invocation;
-* ``progress.json`` — the rows of the accuracy matrix and the timings so far, rewritten after
-  every task;
+* ``progress.json`` — what every finished task recorded (:class:`TaskRecord`: its row of the
+  accuracy matrix, its timings, SPG's capacity), one list per field, rewritten after every task;
 * ``checkpoint.pkl`` — the whole strategy after the last finished task
   (:func:`avalanche_spg.checkpoint.save_checkpoint`); a killed run resumes from it
   (``maybe_load_checkpoint``) and deletes it when it finishes. An interrupted task restarts
@@ -37,7 +37,7 @@ from benchmarks.metrics import summarize_matrix
 from benchmarks.plugins import PlateauEarlyStopping, ProgressPlugin, TensorDataPlugin
 from benchmarks.protocols import Protocol, backbone_description, make_backbone
 
-__all__ = ["RunSpec", "run_one", "seed_everything"]
+__all__ = ["RunSpec", "TaskRecord", "run_one", "seed_everything"]
 
 _ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task(\d+)/Exp(\d+)$")
 
@@ -189,51 +189,74 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def run_one(
-    spec: RunSpec,
-    stream: TaskStream,
-    out: Path,
-    log: Callable[[str], None] = print,
-    command: str = "",
-) -> dict[str, Any]:
-    """Run ``spec`` on ``stream``, resuming from a checkpoint in ``out`` if there is one.
+@dataclass
+class TaskRecord:
+    """What the runner records after each task it trains (joint training: one record)."""
 
-    :return: the content of the run's ``result.json``.
-    """
+    #: Row of the accuracy matrix: the accuracy on every task's test set after this task.
+    accuracy: list[float]
+    #: Seconds of ``strategy.train`` on the task, end-of-task passes included.
+    train_seconds: float
+    #: Seconds of SPG's importance pass at the end of the task (0 without SPG).
+    importance_seconds: float
+    #: Seconds of the evaluation on the whole test stream.
+    eval_seconds: float
+    #: How much of the network SPG protects after the task (:func:`_capacity`); ``None``
+    #: without SPG.
+    spg_capacity: dict[str, float] | None = None
+
+
+def _progress_content(records: list[TaskRecord]) -> dict[str, Any]:
+    """The content of ``progress.json``: one list per field, one entry per finished task
+    (``spg_capacity`` only for the tasks that recorded one)."""
+    return {
+        "rows": [r.accuracy for r in records],
+        "train_seconds": [r.train_seconds for r in records],
+        "importance_seconds": [r.importance_seconds for r in records],
+        "spg_capacity": [r.spg_capacity for r in records if r.spg_capacity is not None],
+        "eval_seconds": [r.eval_seconds for r in records],
+    }
+
+
+def _records_from_progress(saved: dict[str, Any], n_records: int) -> list[TaskRecord]:
+    """The first ``n_records`` records of a ``progress.json`` content."""
+    capacity = saved.get("spg_capacity", [])
+    return [
+        TaskRecord(
+            accuracy=saved["rows"][k],
+            train_seconds=saved["train_seconds"][k],
+            importance_seconds=saved["importance_seconds"][k],
+            eval_seconds=saved["eval_seconds"][k],
+            spg_capacity=capacity[k] if k < len(capacity) else None,
+        )
+        for k in range(n_records)
+    ]
+
+
+def _build_model(spec: RunSpec, stream: TaskStream) -> torch.nn.Module:
+    """The run's backbone: one head per task, or one growing head (class scenario)."""
+    name = spec.protocol.name
+    if spec.scenario == "class":
+        from benchmarks._class_incremental import make_class_backbone
+
+        return make_class_backbone(
+            name, spec.benchmark, stream.input_shape, stream.max_classes, spec.backbone
+        )
+    return make_backbone(
+        name, spec.benchmark, stream.input_shape, stream.max_classes, spec.backbone
+    )
+
+
+def _build_strategy(spec: RunSpec, stream: TaskStream, model: torch.nn.Module) -> Any:
+    """The method's strategy around ``model``, with the suite's plugins: the paper protocol's
+    schedule first; per-task normalisation statistics, tensor minibatches, progress and
+    distributed support last."""
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
-    from avalanche_spg.checkpoint import maybe_load_checkpoint, save_checkpoint
-    from avalanche_spg.distributed import (
-        DistributedSupportPlugin,
-        add_distributed_support,
-        broadcast_from_main,
-        is_main_process,
-        per_rank_batch_size,
-        unwrapped_model,
-    )
+    from avalanche_spg.distributed import DistributedSupportPlugin, per_rank_batch_size
 
-    main = is_main_process()  # only rank 0 writes files
-    paths = run_paths(out, spec.method, spec.seed)
-    if main:
-        paths["dir"].mkdir(parents=True, exist_ok=True)
-    seed_everything(spec.seed)
     protocol = spec.protocol
-    n_tasks = stream.n_tasks
-    label = f"{spec.method} seed {spec.seed}"
-
-    class_incremental = spec.scenario == "class"
-    model: torch.nn.Module
-    if class_incremental:
-        from benchmarks._class_incremental import make_class_backbone
-
-        model = make_class_backbone(
-            protocol.name, spec.benchmark, stream.input_shape, stream.max_classes, spec.backbone
-        )
-    else:
-        model = make_backbone(
-            protocol.name, spec.benchmark, stream.input_shape, stream.max_classes, spec.backbone
-        )
     first_plugins: list[Any] = []
     if protocol.plateau:
         validation = {
@@ -249,26 +272,25 @@ def run_one(
                 joint=spec.method == "joint",
             )
         )
-    lr = protocol.lr
     with warnings.catch_warnings():
         # The suite reads the metrics itself and logs one line per task.
         warnings.filterwarnings("ignore", message="No loggers specified")
         evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     ctx = StrategyContext(
         model=model,
-        make_optimizer=lambda m: _make_optimizer(spec.optimizer, m, lr),
+        make_optimizer=lambda m: _make_optimizer(spec.optimizer, m, protocol.lr),
         train_mb_size=per_rank_batch_size(protocol.batch_size, spec.world_size),
         train_epochs=protocol.epochs,
         eval_mb_size=protocol.eval_batch_size,
         device=spec.device,
         evaluator=evaluator,
-        n_tasks=n_tasks,
+        n_tasks=stream.n_tasks,
         source=stream.description["source"],
         first_plugins=first_plugins,
         last_plugins=[
             *([TaskNormStatsPlugin()] if spec.task_norm_stats else []),
-            *([_tensor_plugin(stream, class_incremental)] if spec.tensor_data else []),
-            ProgressPlugin(label, n_tasks, spec.progress),
+            *([_tensor_plugin(stream, spec.scenario == "class")] if spec.tensor_data else []),
+            ProgressPlugin(f"{spec.method} seed {spec.seed}", stream.n_tasks, spec.progress),
             # DDP wrap / re-wrap and whole-stream evaluation under torchrun; a no-op in one
             # process (kept so that every checkpoint carries it).
             DistributedSupportPlugin(),
@@ -276,111 +298,90 @@ def run_one(
     )
     strategy = build_strategy(spec.method, ctx, spec.hparams)
     _time_importance_pass(strategy)
-    if class_incremental:
-        from benchmarks._class_incremental import make_class_benchmark
+    return strategy
 
-        benchmark = make_class_benchmark(stream)
-    else:
-        benchmark = make_benchmark(stream)
 
-    rows: list[list[float]] = []
-    train_seconds: list[float] = []
-    importance_seconds: list[float] = []
-    capacity: list[dict[str, float]] = []
-    eval_seconds: list[float] = []
-    start = 0
-    joint = spec.method == "joint"
-    resume = broadcast_from_main(spec.checkpoint and not joint and paths["checkpoint"].is_file())
-    if resume:
-        strategy, start = maybe_load_checkpoint(
-            strategy, paths["checkpoint"], map_location=spec.device
+def _resume(
+    strategy: Any, spec: RunSpec, stream: TaskStream, paths: dict[str, Path]
+) -> tuple[Any, list[TaskRecord], torch.nn.Module]:
+    """Load the run's checkpoint into ``strategy`` and the records of its finished tasks from
+    ``progress.json``; reattach what a checkpoint does not carry (tensors, hooks, timers).
+
+    :return: the strategy, the records, and the loaded backbone (what :func:`_build_model` had
+        built, trained up to the checkpoint).
+    """
+    from avalanche_spg.checkpoint import maybe_load_checkpoint
+    from avalanche_spg.distributed import add_distributed_support
+
+    strategy, start = maybe_load_checkpoint(strategy, paths["checkpoint"], map_location=spec.device)
+    model = strategy.model  # saved without the DDP wrapper
+    add_distributed_support(strategy)
+    _time_importance_pass(strategy)
+    saved = read_json(paths["progress"]) if paths["progress"].is_file() else {}
+    if len(saved.get("rows", [])) < start:
+        raise RuntimeError(
+            f"{paths['progress']} has fewer rows than the checkpoint has tasks ({start}); "
+            f"delete {paths['dir']} to restart this run"
         )
-        add_distributed_support(strategy)
-        _time_importance_pass(strategy)
-        saved = read_json(paths["progress"]) if paths["progress"].is_file() else {}
-        if len(saved.get("rows", [])) < start:
-            raise RuntimeError(
-                f"{paths['progress']} has fewer rows than the checkpoint has tasks ({start}); "
-                f"delete {paths['dir']} to restart this run"
-            )
-        rows = saved["rows"][:start]
-        train_seconds = saved["train_seconds"][:start]
-        importance_seconds = saved["importance_seconds"][:start]
-        capacity = saved.get("spg_capacity", [])[:start]
-        eval_seconds = saved["eval_seconds"][:start]
-        for plugin in strategy.plugins:
-            if isinstance(plugin, TensorDataPlugin):
-                plugin.attach(*_tensor_parts(stream))
-        if spec.method == "packnet":
-            from benchmarks._packnet import restore_packnet_hooks
+    for plugin in strategy.plugins:
+        if isinstance(plugin, TensorDataPlugin):
+            plugin.attach(*_tensor_parts(stream))
+    if spec.method == "packnet":
+        from benchmarks._packnet import restore_packnet_hooks
 
-            restore_packnet_hooks(strategy.model)
-        log(f"[{label}] resumed after task {start}/{n_tasks} from {paths['checkpoint']}")
-    elif main and paths["progress"].is_file():
-        paths["progress"].unlink()  # stale progress without a checkpoint: start over
+        restore_packnet_hooks(strategy.model)
+        model = model.wrappee  # the backbone inside TaskLabelPackNetModel
+    return strategy, _records_from_progress(saved, start), model
 
-    def record(t_train: float, t_eval: float) -> None:
-        spg = _find_spg(strategy)
-        train_seconds.append(t_train)
-        marks = _time_importance_pass(strategy)
-        importance_seconds.append(marks[1].at - marks[0].at if marks else 0.0)
-        if spg is not None:
-            capacity.append(_capacity(spg))
-        eval_seconds.append(t_eval)
 
-    if joint:
-        started = time.perf_counter()
-        strategy.train(benchmark.train_stream, eval_streams=[])
-        t_train = time.perf_counter() - started
-        started = time.perf_counter()
-        strategy.eval(benchmark.test_stream)
-        rows.append(_accuracy_row(strategy.evaluator, n_tasks))
-        record(t_train, time.perf_counter() - started)
-        log(f"[{label}] joint training done: ACC {np.mean(rows[-1]):.4f} ({t_train:.1f}s)")
-    else:
-        for index in range(start, n_tasks):
-            started = time.perf_counter()
-            strategy.train(benchmark.train_stream[index], eval_streams=[])
-            t_train = time.perf_counter() - started
-            started = time.perf_counter()
-            strategy.eval(benchmark.test_stream)
-            rows.append(_accuracy_row(strategy.evaluator, n_tasks))
-            record(t_train, time.perf_counter() - started)
-            seen = rows[-1][: index + 1]
-            log(
-                f"[{label}] task {index + 1}/{n_tasks}: acc on this task "
-                f"{rows[-1][index]:.4f}, mean on seen tasks {np.mean(seen):.4f} "
-                f"(train {t_train:.1f}s, eval {eval_seconds[-1]:.1f}s)"
-            )
-            if spec.checkpoint and index + 1 < n_tasks and main:
-                write_json(
-                    paths["progress"],
-                    {
-                        "rows": rows,
-                        "train_seconds": train_seconds,
-                        "importance_seconds": importance_seconds,
-                        "spg_capacity": capacity,
-                        "eval_seconds": eval_seconds,
-                    },
-                )
-                # Without the DDP wrapper: the checkpoint resumes in one process or in N.
-                with unwrapped_model(strategy):
-                    save_checkpoint(strategy, paths["checkpoint"])
+def _train_task(strategy: Any, train_data: Any, test_stream: Any, n_tasks: int) -> TaskRecord:
+    """Train on ``train_data`` (one experience, or the whole stream for joint training), then
+    evaluate on every task's test set."""
+    started = time.perf_counter()
+    strategy.train(train_data, eval_streams=[])
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    strategy.eval(test_stream)
+    accuracy = _accuracy_row(strategy.evaluator, n_tasks)
+    eval_seconds = time.perf_counter() - started
+    marks = _time_importance_pass(strategy)
+    spg = _find_spg(strategy)
+    return TaskRecord(
+        accuracy=accuracy,
+        train_seconds=train_seconds,
+        importance_seconds=marks[1].at - marks[0].at if marks else 0.0,
+        eval_seconds=eval_seconds,
+        spg_capacity=_capacity(spg) if spg is not None else None,
+    )
 
-    plateau = next((p for p in strategy.plugins if isinstance(p, PlateauEarlyStopping)), None)
-    summary = summarize_matrix(rows)
+
+def _result(
+    spec: RunSpec,
+    stream: TaskStream,
+    strategy: Any,
+    model: torch.nn.Module,
+    records: list[TaskRecord],
+    start: int,
+    command: str,
+) -> dict[str, Any]:
+    """The content of the run's ``result.json``."""
+    rows = [r.accuracy for r in records]
+    train_seconds = [r.train_seconds for r in records]
+    importance_seconds = [r.importance_seconds for r in records]
+    capacity = [r.spg_capacity for r in records if r.spg_capacity is not None]
+    protocol = spec.protocol
     result: dict[str, Any] = {
         "benchmark": spec.benchmark,
         "method": spec.method,
         "seed": spec.seed,
         "protocol": asdict(protocol),
         "hparams": spec.hparams,
-        "n_tasks": n_tasks,
+        "n_tasks": stream.n_tasks,
         "matrix": rows,
-        **summary,
+        **summarize_matrix(rows),
         "train_seconds": float(sum(train_seconds)),
         "importance_seconds": float(sum(importance_seconds)),
-        "eval_seconds": float(sum(eval_seconds)),
+        "eval_seconds": float(sum(r.eval_seconds for r in records)),
         "train_seconds_per_task": train_seconds,
         "importance_seconds_per_task": importance_seconds,
         "resumed_from_task": start,
@@ -395,12 +396,84 @@ def run_one(
     }
     if capacity:
         result["spg_capacity_per_task"] = capacity
-    if class_incremental:
+    if spec.scenario == "class":
         result["scenario"] = "class"
         result["head_units"] = int(model.classifier.classifier.out_features)  # type: ignore[union-attr,arg-type]
+    plateau = next((p for p in strategy.plugins if isinstance(p, PlateauEarlyStopping)), None)
     if plateau is not None:
         result["epochs_per_task"] = [h["epochs"] for h in plateau.history]
         result["schedule"] = plateau.history
+    return result
+
+
+def run_one(
+    spec: RunSpec,
+    stream: TaskStream,
+    out: Path,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run ``spec`` on ``stream``, resuming from a checkpoint in ``out`` if there is one.
+
+    :return: the content of the run's ``result.json``.
+    """
+    from avalanche_spg.checkpoint import save_checkpoint
+    from avalanche_spg.distributed import broadcast_from_main, is_main_process, unwrapped_model
+
+    main = is_main_process()  # only rank 0 writes files
+    paths = run_paths(out, spec.method, spec.seed)
+    if main:
+        paths["dir"].mkdir(parents=True, exist_ok=True)
+    seed_everything(spec.seed)
+    n_tasks = stream.n_tasks
+    label = f"{spec.method} seed {spec.seed}"
+    model = _build_model(spec, stream)
+    strategy = _build_strategy(spec, stream, model)
+    if spec.scenario == "class":
+        from benchmarks._class_incremental import make_class_benchmark
+
+        benchmark = make_class_benchmark(stream)
+    else:
+        benchmark = make_benchmark(stream)
+
+    records: list[TaskRecord] = []
+    joint = spec.method == "joint"
+    resume = broadcast_from_main(spec.checkpoint and not joint and paths["checkpoint"].is_file())
+    if resume:
+        # The loaded backbone replaces the fresh one: its heads (added task by task) and its
+        # size are those the result reports.
+        strategy, records, model = _resume(strategy, spec, stream, paths)
+        log(f"[{label}] resumed after task {len(records)}/{n_tasks} from {paths['checkpoint']}")
+    elif main and paths["progress"].is_file():
+        paths["progress"].unlink()  # stale progress without a checkpoint: start over
+    start = len(records)
+
+    if joint:
+        record = _train_task(strategy, benchmark.train_stream, benchmark.test_stream, n_tasks)
+        records.append(record)
+        log(
+            f"[{label}] joint training done: ACC {np.mean(record.accuracy):.4f} "
+            f"({record.train_seconds:.1f}s)"
+        )
+    else:
+        for index in range(start, n_tasks):
+            record = _train_task(
+                strategy, benchmark.train_stream[index], benchmark.test_stream, n_tasks
+            )
+            records.append(record)
+            log(
+                f"[{label}] task {index + 1}/{n_tasks}: acc on this task "
+                f"{record.accuracy[index]:.4f}, mean on seen tasks "
+                f"{np.mean(record.accuracy[: index + 1]):.4f} "
+                f"(train {record.train_seconds:.1f}s, eval {record.eval_seconds:.1f}s)"
+            )
+            if spec.checkpoint and index + 1 < n_tasks and main:
+                write_json(paths["progress"], _progress_content(records))
+                # Without the DDP wrapper: the checkpoint resumes in one process or in N.
+                with unwrapped_model(strategy):
+                    save_checkpoint(strategy, paths["checkpoint"])
+
+    result = _result(spec, stream, strategy, model, records, start, command)
     if main:
         write_json(paths["result"], result)
         for name in ("checkpoint", "progress"):

@@ -82,7 +82,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, method
         run_one(spec, stream, out, log=_kill_after(3))
     paths = run_paths(out, method, 0)
     assert paths["checkpoint"].is_file() and not paths["result"].is_file()
-    assert len(json.loads(paths["progress"].read_text())["rows"]) == 2
+    progress = json.loads(paths["progress"].read_text())
+    # One list per field, one entry per finished task (SPG's capacity only where SPG ran).
+    assert list(progress) == [
+        "rows",
+        "train_seconds",
+        "importance_seconds",
+        "spg_capacity",
+        "eval_seconds",
+    ]
+    assert progress["rows"] == reference["matrix"][:2]
+    assert len(progress["spg_capacity"]) == (2 if method == "spg" else 0)
+    assert all(len(progress[k]) == 2 for k in ("train_seconds", "importance_seconds"))
+    assert len(progress["eval_seconds"]) == 2
 
     messages: list[str] = []
     resumed = run_one(spec, stream, out, log=messages.append)
@@ -90,6 +102,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, method
     assert resumed["resumed_from_task"] == 2
     assert resumed["matrix"] == reference["matrix"]
     assert resumed["acc"] == reference["acc"] and resumed["bwt"] == reference["bwt"]
+    # The result describes the trained model (loaded from the checkpoint, with every task's
+    # head), not the fresh one built before loading it.
+    assert resumed["n_parameters"] == reference["n_parameters"]
+    assert resumed.get("spg_capacity_per_task") == reference.get("spg_capacity_per_task")
+    assert len(resumed["train_seconds_per_task"]) == 5
     assert not paths["checkpoint"].exists() and not paths["progress"].exists()
 
 
