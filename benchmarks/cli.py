@@ -1,5 +1,10 @@
-"""Command line of the benchmark suite: ``python -m benchmarks [options]`` runs a comparison,
-``python -m benchmarks report RUN_DIR`` rebuilds the tables and plots of a run directory.
+"""Command line of the benchmark suite: its parsers and the dispatch of its sub-commands.
+
+* ``python -m benchmarks [options]`` runs a comparison (:func:`benchmarks.suite.run_suite`,
+  into a run directory: :mod:`benchmarks.rundir`);
+* ``python -m benchmarks report RUN_DIR`` rebuilds the tables and plots of a run directory;
+* ``python -m benchmarks compare RUN_DIR...`` puts several run directories side by side
+  (both: :mod:`benchmarks.report`).
 
 See ``python -m benchmarks --help``.
 """
@@ -7,29 +12,20 @@ See ``python -m benchmarks --help``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from benchmarks._io import read_json, run_paths, write_json
-from benchmarks.catalog import BENCHMARKS, SOURCE_SHAPES, default_data_root, describe_benchmarks
-from benchmarks.methods import describe_methods, method_hparams, parse_hparams
+from benchmarks.catalog import BENCHMARKS, default_data_root, describe_benchmarks
+from benchmarks.methods import describe_methods, method_hparams
 from benchmarks.methods import parse_methods as _parse_methods
-from benchmarks.protocols import (
-    BACKBONES,
-    PROTOCOLS,
-    backbone_description,
-    protocol_settings,
-    resolve_backbone,
-)
+from benchmarks.protocols import BACKBONES, PROTOCOLS, backbone_description
+from benchmarks.rundir import resolve_settings, settings_hash
 
-__all__ = ["main", "build_parser", "backbone_description"]  # re-exported from protocols
+# resolve_settings and settings_hash (benchmarks.rundir), backbone_description
+# (benchmarks.protocols): re-exported, the command line's settings as scripts and tests use them.
+__all__ = ["main", "build_parser", "resolve_settings", "settings_hash", "backbone_description"]
 
 DEFAULT_BENCHMARK = "split-digits"
 
@@ -39,7 +35,7 @@ streams (one head per task, task label given), written as JSON + CSV + a Markdow
 plots in a run directory that can be resumed.
 
 With no options: every method on split-digits (scikit-learn's bundled digits, no download),
-one seed, the quick protocol; prints the table in about a minute on two CPU cores."""
+one seed, the quick protocol; prints the table."""
 
 _EPILOG = f"""\
 benchmarks (--benchmark):
@@ -261,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="keep at most N training samples per task (random, seeded; equal per class on "
-        "split streams; each permuted task draws its own subset). Test sets are not cut (see --max-test-per-task)",
+        "split streams; each permuted task draws its own subset). Test sets are not cut (see "
+        "--max-test-per-task)",
     )
     data.add_argument(
         "--max-test-per-task",
@@ -345,103 +342,6 @@ def build_compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings that determine the results (stored in config.json, hashed for --out)."""
-    protocol = protocol_settings(
-        args.protocol,
-        source=BENCHMARKS[args.benchmark].source,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-    )
-    info = BENCHMARKS[args.benchmark]
-    hparam_overrides = parse_hparams(args.hparam)
-    settings = {
-        "benchmark": args.benchmark,
-        "protocol": args.protocol,
-        "n_tasks": info.n_tasks,
-        "epochs": protocol.epochs,
-        "lr": protocol.lr,
-        "batch_size": protocol.batch_size,
-        "validation_fraction": protocol.validation_fraction,
-        "max_train_per_task": args.max_train_per_task,
-        "train_fraction": args.train_fraction,
-        "hparam_overrides": hparam_overrides,
-        "backbone": backbone_description(
-            getattr(args, "backbone", "auto"), args.protocol, SOURCE_SHAPES[info.source]
-        ),
-    }
-    if getattr(args, "max_test_per_task", None) is not None:
-        # Only present when set, so the other directories' hashes are unchanged.
-        settings["max_test_per_task"] = args.max_test_per_task
-    if getattr(args, "optimizer", "sgd") != "sgd":
-        # Only present when not the default, so SGD settings (and their hashes) are unchanged.
-        settings["optimizer"] = args.optimizer
-    if getattr(args, "task_norm_stats", False):
-        # Only present when set, so other settings (and their directories' hashes) are unchanged.
-        settings["task_norm_stats"] = True
-    if getattr(args, "scenario", "task") == "class":
-        # Only present for the class scenario, so task-incremental settings (and their run
-        # directories' hashes) are unchanged.
-        settings["scenario"] = "class"
-        settings["backbone"] += ", one IncrementalClassifier head"
-    return settings
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    """Short stable hash of the settings (names the default run directory)."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-def _prepare_run_dir(
-    out: Path, settings: dict[str, Any], methods: list[str], seeds: list[int], command: str
-) -> dict[str, Any]:
-    """Create or reuse ``out``; refuse a directory made with different settings."""
-    config_path = out / "config.json"
-    # A directory with no run started yet (e.g. left by a command that failed early) takes the
-    # new settings instead of refusing them.
-    started = any((out / "runs").glob("*/seed*/*.json")) or any(
-        (out / "runs").glob("*/seed*/checkpoint.pkl")
-    )
-    if config_path.is_file() and started:
-        config = read_json(config_path)
-        if config.get("settings") != json.loads(json.dumps(settings)):
-            old = config.get("settings", {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise SystemExit(
-                f"error: {out} holds runs made with other settings (differ in: "
-                f"{', '.join(diff)}). Use another --out, or delete the directory."
-            )
-    else:
-        config = {
-            "benchmark": settings["benchmark"],
-            "protocol": settings["protocol"],
-            "settings": settings,
-            "methods": [],
-            "seeds": [],
-            "commands": [],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-    config["methods"] = list(dict.fromkeys([*config["methods"], *methods]))
-    config["seeds"] = sorted(set(config["seeds"]) | set(seeds))
-    if command not in config["commands"]:
-        config["commands"].append(command)
-    write_json(config_path, config)
-    return config
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} but CUDA is not available")
-    return name
-
-
 def _device_problem(name: str) -> str | None:
     """Why ``--device name`` cannot be used here (``None``: it can)."""
     import torch
@@ -462,184 +362,9 @@ def _device_problem(name: str) -> str | None:
     return None
 
 
-def _init_processes(device: str) -> Any:
-    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on GPU)."""
-    import torch
-
-    from avalanche_spg.distributed import init_distributed
-
-    if device == "auto":
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = device.startswith("cuda")
-    return init_distributed(seed=0, use_cuda=use_cuda)
-
-
-def run_command(args: argparse.Namespace, command: str) -> int:
-    """Run every (seed, method) that has no result yet, then write and print the report.
-
-    Under ``torchrun --nproc_per_node=N -m benchmarks ...`` every process trains every run
-    data-parallel (each takes ``batch_size / N`` samples of every minibatch) and only rank 0
-    writes the run directory and prints.
-    """
-    from avalanche_spg.distributed import broadcast_from_main, cleanup_distributed
-
-    setup = _init_processes(args.device)
-    settings = resolve_settings(args)
-    out = args.out or Path("runs") / (f"{args.benchmark}-{args.protocol}-{settings_hash(settings)}")
-    error = None
-    if setup.is_main:
-        try:
-            _prepare_run_dir(out, settings, args.methods, args.seeds, command)
-        except SystemExit as exit_:
-            error = exit_.code
-    error = broadcast_from_main(error)
-    if error is not None:
-        cleanup_distributed()
-        raise SystemExit(error)
-
-    def log(message: str) -> None:
-        if not args.quiet and setup.is_main:
-            print(message, flush=True)
-
-    pending = [
-        (seed, method)
-        for seed in args.seeds
-        for method in args.methods
-        if not run_paths(out, method, seed)["result"].is_file()
-    ]
-    pending = broadcast_from_main(pending)  # rank 0's files decide
-    done = len(args.seeds) * len(args.methods) - len(pending)
-    log(
-        f"{args.benchmark} ({args.protocol}): {len(pending)} run(s) to do, {done} already "
-        f"finished, in {out}"
-    )
-    if pending:
-        import torch
-
-        from avalanche_spg.distributed import main_process_first
-        from benchmarks.data import build_stream
-        from benchmarks.runner import RunSpec, run_one
-
-        device = str(setup.device) if setup.distributed else _resolve_device(args.device)
-        if setup.distributed:
-            log(f"{setup.world_size} processes ({setup.backend}); rank 0 on {device}")
-        shape = SOURCE_SHAPES[BENCHMARKS[args.benchmark].source]
-        small_model = resolve_backbone(args.backbone, args.protocol, shape) == "mlp"
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        elif device == "cpu" and (args.protocol == "quick" or small_model):
-            torch.set_num_threads(1)
-        protocol = protocol_settings(
-            args.protocol,
-            source=BENCHMARKS[args.benchmark].source,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size,
-        )
-        streams: dict[int, Any] = {}
-        class_scenario = settings.get("scenario") == "class"
-        try:
-            for number, (seed, method) in enumerate(pending, 1):
-                if seed not in streams:
-                    streams.clear()  # one seed's stream in memory at a time
-                    with main_process_first():  # rank 0 unpacks / downloads first
-                        streams[seed] = build_stream(
-                            args.benchmark,
-                            seed,
-                            args.data_root,
-                            max_train_per_task=args.max_train_per_task,
-                            train_fraction=args.train_fraction,
-                            validation_fraction=protocol.validation_fraction,
-                            max_test_per_task=args.max_test_per_task,
-                            download=not args.no_download,
-                        )
-                    if class_scenario:
-                        from benchmarks._class_incremental import to_class_incremental
-
-                        streams[seed] = to_class_incremental(streams[seed])
-                log(f"--- run {number}/{len(pending)}: {method}, seed {seed}")
-                hparams = method_hparams(method, args.benchmark, settings["hparam_overrides"])
-                if class_scenario and method.startswith("spg"):
-                    hparams["class_incremental"] = True
-                spec = RunSpec(
-                    benchmark=args.benchmark,
-                    method=method,
-                    seed=seed,
-                    protocol=protocol,
-                    hparams=hparams,
-                    device=device,
-                    checkpoint=not args.no_checkpoint,
-                    progress=not (args.no_progress or args.quiet) and setup.is_main,
-                    tensor_data=not args.avalanche_loaders,
-                    scenario="class" if class_scenario else "task",
-                    world_size=setup.world_size,
-                    backbone=args.backbone,
-                    task_norm_stats=args.task_norm_stats,
-                    optimizer=args.optimizer,
-                )
-                result = run_one(spec, streams[seed], out, log=log, command=command)
-                bwt = result["bwt"]
-                log(
-                    f"--- {method}, seed {seed}: ACC {result['acc'] * 100:.2f}%"
-                    + (f", BWT {bwt * 100:+.2f}%" if bwt is not None else "")
-                    + f", {result['train_seconds']:.1f}s training"
-                )
-        except KeyboardInterrupt:
-            print(
-                f"\ninterrupted; run the same command again to resume (results in {out})",
-                file=sys.stderr,
-            )
-            return 130
-    if setup.is_main:
-        from benchmarks.report import write_report
-
-        table = write_report(out, plots=not args.no_plots)
-        print(table)
-    cleanup_distributed()
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "compare":
-        cargs = build_compare_parser().parse_args(argv[1:])
-        from benchmarks.report import compare_table
-
-        try:
-            table = compare_table(cargs.run_dirs)
-        except FileNotFoundError as err:
-            print(f"error: {err} (run 'python -m benchmarks report' on it first?)", file=sys.stderr)
-            return 2
-        print(table, end="")
-        if cargs.out is not None:
-            links = ", ".join(
-                f"[{d.name}]({Path(os.path.relpath(d, cargs.out.parent)).as_posix()}/table.md)"
-                for d in cargs.run_dirs
-            )
-            cargs.out.write_text(
-                "# Benchmark results\n\n"
-                "ACC and BWT in % (mean ± std over seeds), task-incremental. Produced by:\n\n"
-                f"```bash\npython -m benchmarks {shlex.join(argv)}\n```\n\n"
-                f"{table}\n"
-                f"Each column's exact run command, settings, times and plots: {links}.\n"
-            )
-        return 0
-    if argv and argv[0] == "report":
-        args = build_report_parser().parse_args(argv[1:])
-        from benchmarks.report import write_report
-
-        try:
-            print(write_report(args.run_dir, plots=not args.no_plots))
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.seeds = list(dict.fromkeys(args.seeds))
+def _check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``parser.error``) the option combinations the suite cannot run, before any
+    run starts."""
     try:
         settings = resolve_settings(args)
     except ValueError as err:
@@ -673,7 +398,53 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"packnet fine-tunes for {post} epoch(s) after pruning, so it needs --epochs >= "
                 f"{post + 1} (got {settings['epochs']})"
             )
+
+
+def _compare(argv: list[str]) -> int:
+    """``python -m benchmarks compare RUN_DIR... [--out FILE]``."""
+    args = build_compare_parser().parse_args(argv[1:])
+    from benchmarks.report import compare_table, write_compare_page
+
+    try:
+        table = compare_table(args.run_dirs)
+    except FileNotFoundError as err:
+        print(f"error: {err} (run 'python -m benchmarks report' on it first?)", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.out is not None:
+        write_compare_page(
+            args.out, table, args.run_dirs, "python -m benchmarks " + shlex.join(argv)
+        )
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    """``python -m benchmarks report RUN_DIR [--no-plots]``."""
+    args = build_report_parser().parse_args(argv[1:])
+    from benchmarks.report import write_report
+
+    try:
+        print(write_report(args.run_dir, plots=not args.no_plots))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return _compare(argv)
+    if argv and argv[0] == "report":
+        return _report(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.seeds = list(dict.fromkeys(args.seeds))
+    _check_run_args(parser, args)
     if args.data_root is None:
         args.data_root = default_data_root()
     command = "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv))
-    return run_command(args, command)
+    from benchmarks.suite import run_suite
+
+    return run_suite(args, command)

@@ -16,12 +16,17 @@ writes:
 
 Accuracies are fractions in the files and percentages in the table; standard deviations are
 sample standard deviations over seeds (``ddof=1``).
+
+``python -m benchmarks compare RUN_DIR... [--out FILE]`` puts the ACC and BWT of several run
+directories side by side (:func:`compare_table`; the page with its command and links:
+:func:`write_compare_page`).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +36,14 @@ from benchmarks._io import read_json, write_json
 from benchmarks._markdown import table
 from benchmarks.metrics import mean_std
 
-__all__ = ["collect_results", "summarize", "write_report", "markdown_table"]
+__all__ = [
+    "collect_results",
+    "summarize",
+    "write_report",
+    "markdown_table",
+    "compare_table",
+    "write_compare_page",
+]
 
 _CSV_FIELDS = (
     "method",
@@ -462,3 +474,19 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
                 cells += [_cell(row, "acc", 100, 1), _cell(row, "bwt", 100, 1)]
         body.append(cells)
     return "\n".join(table(header, body)) + "\n"
+
+
+def write_compare_page(path: Path, table: str, run_dirs: Sequence[Path], command: str) -> None:
+    """Write ``table`` (from :func:`compare_table`) to ``path`` as a Markdown page: the
+    ``command`` that made it, then the table, then a link to each run directory's ``table.md``
+    (relative to ``path``)."""
+    links = ", ".join(
+        f"[{d.name}]({Path(os.path.relpath(d, path.parent)).as_posix()}/table.md)" for d in run_dirs
+    )
+    path.write_text(
+        "# Benchmark results\n\n"
+        "ACC and BWT in % (mean ± std over seeds), task-incremental. Produced by:\n\n"
+        f"```bash\n{command}\n```\n\n"
+        f"{table}\n"
+        f"Each column's exact run command, settings, times and plots: {links}.\n"
+    )
