@@ -51,9 +51,12 @@ from avalanche_spg.importance_pass import (
     ModelForward,
     ModelState,
     _Batches,
+    _check_count,
     _Pass,
     _shared_batch_loop,
     avalanche_convention,
+    check_pass_parameters,
+    checked_positions,
     enter_pass_mode,
     preserved_model_state,
     reference_sample_weights,
@@ -152,14 +155,13 @@ def compute_gamma_class_incremental(
         before they are standardised, e.g. a summing all-reduce across processes.
     :return: ``{name: gamma}`` for every feature and row parameter, float32.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_count("batch_size", batch_size)
+    check_pass_parameters(model, {**feature_params, **row_params})
+    n_total, positions = checked_positions(dataset, indices, total_samples)
     current = sorted({int(c) for c in current_classes})
     groups = [sorted({int(c) for c in g} - set(current)) for g in previous_groups]
     groups = [g for g in groups if g]
-    n_total = len(dataset) if total_samples is None else int(total_samples)  # type: ignore[arg-type]
     everything = list(range(n_total))
-    positions = everything if indices is None else [int(i) for i in indices]
     loader = DataLoader(
         Subset(dataset, positions),
         batch_size=batch_size,

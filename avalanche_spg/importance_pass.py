@@ -85,6 +85,7 @@ dtype; ``gamma`` is float32.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -95,6 +96,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from avalanche_spg.heads import missing_task_heads
 from avalanche_spg.importance import standardized_importance
 
 __all__ = [
@@ -112,6 +114,8 @@ __all__ = [
     "enter_pass_mode",
     "split_minibatch",
     "uses_batch_statistics",
+    "checked_positions",
+    "check_pass_parameters",
 ]
 
 ImportanceMethod = Literal["fast", "reference"]
@@ -339,6 +343,65 @@ def split_minibatch(batch: Sequence[Any], default_task: int) -> tuple[Tensor, Te
     return x, y, t
 
 
+def _check_count(name: str, value: Any, minimum: int = 1) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_pass_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """``ValueError`` naming them unless every tensor of ``params`` is a parameter of ``model``
+    that requires a gradient: another model's parameter (a copy) never gets a gradient from
+    this model's loss, so its importance would be 0, silently."""
+    own = {id(p) for p in model.parameters()}
+    foreign = [name for name, p in params.items() if id(p) not in own]
+    if foreign:
+        raise ValueError(
+            f"feature_params holds tensors that are not parameters of the model: {foreign[:5]} "
+            "(of a copy of the model, say); their importance would be 0"
+        )
+    frozen = [name for name, p in params.items() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"feature_params holds parameters that do not require a gradient: {frozen[:5]}; "
+            "pass trainable parameters only"
+        )
+
+
+def checked_positions(
+    dataset: Any, indices: Sequence[int] | None, total_samples: int | None
+) -> tuple[int, list[int]]:
+    """``(size of the experience, positions this process handles)`` of an importance pass,
+    checked: ``total_samples`` (default ``len(dataset)``) at most ``len(dataset)``, and
+    ``indices`` (default all) distinct positions below it. A position outside, or twice,
+    would give samples the weight of another reference minibatch, or count them twice."""
+    size = len(dataset)
+    if total_samples is None:
+        n_total = size
+    else:
+        _check_count("total_samples", total_samples, minimum=0)
+        if total_samples > size:
+            raise ValueError(f"total_samples={total_samples} exceeds the dataset's {size} samples")
+        n_total = total_samples
+    if indices is None:
+        return n_total, list(range(n_total))
+    positions = []
+    for position in indices:
+        try:
+            positions.append(operator.index(position))
+        except TypeError:
+            raise ValueError(f"indices must be ints, got {position!r}") from None
+    outside = [i for i in positions if not 0 <= i < n_total]
+    if outside:
+        raise ValueError(
+            f"indices must be positions in [0, {n_total}) (total_samples), got {outside[:5]}"
+        )
+    if len(set(positions)) != len(positions):
+        repeated = sorted({i for i in positions if positions.count(i) > 1})
+        raise ValueError(f"indices must be distinct, got {repeated[:5]} more than once")
+    return n_total, positions
+
+
 def _sum_dtype(param: Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
@@ -481,20 +544,30 @@ def compute_gamma(
         at once; heads are processed in groups that fit (at least one head per group). ``None``:
         all heads at once. Same result bit for bit (without dropout).
     :return: ``{name: gamma}`` for every feature parameter, float32, shaped like the parameter.
+    :raises ValueError: naming the argument and the value, before the model is run: sizes that
+        are not positive ints, ``feature_params`` that are not trainable parameters of
+        ``model``, ``indices`` outside ``total_samples`` or repeated, ``previous_tasks``
+        without a head in the model's ``MultiHeadClassifier``.
     """
-    if reference_batch_size < 1:
-        raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
+    _check_count("reference_batch_size", reference_batch_size)
     if method not in ("fast", "reference"):
         raise ValueError(f"method must be 'fast' or 'reference', got {method!r}")
-    if pass_batch_size is not None and pass_batch_size < 1:
-        raise ValueError(f"pass_batch_size must be >= 1 or None, got {pass_batch_size}")
-    if sum_memory_budget is not None and sum_memory_budget < 1:
-        raise ValueError(f"sum_memory_budget must be >= 1 or None, got {sum_memory_budget}")
+    if pass_batch_size is not None:
+        _check_count("pass_batch_size", pass_batch_size)
+    if sum_memory_budget is not None:
+        _check_count("sum_memory_budget", sum_memory_budget)
+    check_pass_parameters(model, feature_params)
+    n_total, positions = checked_positions(dataset, indices, total_samples)
     current = [int(t) for t in current_tasks]
     previous = [int(t) for t in previous_tasks if int(t) not in current]
     if forward is None:
         forward, task_aware = avalanche_convention(model)
         previous = previous if task_aware else []
+    for name, missing in missing_task_heads(model, previous).items():
+        raise ValueError(
+            f"previous_tasks {missing} have no head in the model's MultiHeadClassifier "
+            f"{name!r}; the importance pass back-propagates every earlier head's logits"
+        )
     if isinstance(classifier, str):
         if classifier != "auto":
             raise ValueError(f"classifier must be a module, None or 'auto', got {classifier!r}")
@@ -504,8 +577,6 @@ def compute_gamma(
     params = [feature_params[n] for n in names]
     heads: list[int | None] = [*previous, None]  # None: "each sample's own (current) head"
     default_task = current[0] if current else 0
-    n_total = len(dataset) if total_samples is None else int(total_samples)  # type: ignore[arg-type]
-    positions = list(range(n_total)) if indices is None else [int(i) for i in indices]
 
     max_abs_z: list[Tensor | None] = [None] * len(params)
     with preserved_model_state(model) as state, torch.enable_grad():
