@@ -22,6 +22,7 @@ __all__ = [
     "standardized_importance",
     "max_accumulate",
     "accumulate_importance",
+    "check_importance",
     "head_scale",
     "fit_to_shape",
     "float64_device",
@@ -97,12 +98,35 @@ def fit_to_shape(tensor: Tensor, shape: Sequence[int]) -> Tensor:
     return out
 
 
+def check_importance(name: str, value: Tensor) -> None:
+    """``ValueError`` naming ``name`` unless every element of ``value`` is a number in
+    ``[0, 1]`` (``NaN`` is not; importance is ``|tanh|`` of a standardised gradient)."""
+    outside = ~((value >= 0) & (value <= 1))
+    if bool(outside.any()):
+        example = value[outside].flatten()[0].item()
+        raise ValueError(
+            f"importance of {name!r} must be finite and in [0, 1]; it holds {example!r}"
+        )
+
+
 def max_accumulate(into: dict[str, Tensor], new: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Elementwise ``into[name] = max(into[name], new[name])`` for every name of ``new``.
 
     Names missing from ``into`` are added; a shape mismatch (a grown parameter) is resolved by
-    zero-padding the smaller side to the larger shape. Returns ``into``.
+    zero-padding the smaller side to the larger shape. Returns ``into``, whose tensors keep
+    their device and dtype.
+
+    :raises ValueError: naming the entry, with ``into`` unchanged, if a value of ``new`` is not
+        in ``[0, 1]`` (or ``NaN``), or has another number of dimensions than ``into``'s.
     """
+    for name, value in new.items():
+        check_importance(name, value)
+        old = into.get(name)
+        if old is not None and old.dim() != value.dim():
+            raise ValueError(
+                f"cannot accumulate importance of {name!r}: shape {tuple(value.shape)} "
+                f"against the accumulated {tuple(old.shape)} (the number of dimensions changed)"
+            )
     for name, value in new.items():
         old = into.get(name)
         if old is None:
@@ -112,7 +136,7 @@ def max_accumulate(into: dict[str, Tensor], new: Mapping[str, Tensor]) -> dict[s
             shape = tuple(max(a, b) for a, b in zip(old.shape, value.shape))
             old = fit_to_shape(old, shape)
             value = fit_to_shape(value, shape)
-        into[name] = torch.maximum(old, value.to(old.device))
+        into[name] = torch.maximum(old, value.to(old.device, old.dtype))
     return into
 
 
@@ -122,7 +146,8 @@ def accumulate_importance(
     """Fold the per-head importances of one experience into the accumulated importance.
 
     ``gamma = max over heads``, then ``A = max(A, gamma)`` (both elementwise) — the same as a
-    single max over ``A`` and all heads. Returns ``accumulated``.
+    single max over ``A`` and all heads. Returns ``accumulated``. Each head is checked as
+    :func:`max_accumulate` checks it, before it is folded in.
     """
     for gamma in per_head:
         max_accumulate(accumulated, gamma)
@@ -139,10 +164,14 @@ def head_scale(importance: Mapping[str, Tensor]) -> float:
 
     The mean is over the concatenation of every tensor (each element counts once, so large
     tensors weigh more), as in the reference implementation. Empty importance gives 1.0.
+
+    :raises ValueError: naming the entry if some importance is not in ``[0, 1]`` (or ``NaN``):
+        the scale would leave ``[0, 1]`` and flip or amplify the heads' gradients.
     """
     total = 0.0
     count = 0
-    for value in importance.values():
+    for name, value in importance.items():
+        check_importance(name, value)
         # Summed in float64 for an exact mean over millions of elements; a device without
         # float64 (Apple's MPS) hands its tensor to the CPU for this once-per-experience sum.
         value = value.detach().to(float64_device(value.device))

@@ -187,3 +187,37 @@ def test_head_scale_is_one_minus_mean_over_all_elements_of_all_tensors() -> None
 def test_head_scale_is_one_without_importance() -> None:
     assert head_scale({}) == 1.0
     assert head_scale({"w": torch.zeros(3, 3)}) == 1.0
+
+
+# --------------------------------------------------------------------- values out of range
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.25, float("inf")])
+def test_max_accumulate_refuses_values_outside_the_unit_interval_and_changes_nothing(
+    bad: float,
+) -> None:
+    """Importance lies in [0, 1) (Section 3.1): a NaN would reach A through the max (and the
+    mask 1 - A), a value above 1 would flip gradients. Nothing is folded in, not even the
+    entries that come before the bad one."""
+    acc = {"w": torch.tensor([0.1, 0.2])}
+    with pytest.raises(ValueError, match="'b'"):
+        max_accumulate(acc, {"w": torch.tensor([0.9, 0.9]), "b": torch.tensor([0.5, bad])})
+    assert set(acc) == {"w"} and torch.equal(acc["w"], torch.tensor([0.1, 0.2]))
+
+
+def test_max_accumulate_refuses_a_new_rank_before_changing_anything() -> None:
+    acc = {"w": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3])}
+    with pytest.raises(ValueError, match="'b'"):
+        max_accumulate(acc, {"w": torch.tensor([0.9, 0.9]), "b": torch.tensor([[0.5]])})
+    assert torch.equal(acc["w"], torch.tensor([0.1, 0.2]))
+
+
+def test_max_accumulate_keeps_the_accumulated_dtype() -> None:
+    acc = {"w": torch.tensor([0.1, 0.2])}
+    max_accumulate(acc, {"w": torch.tensor([0.3, 0.0], dtype=torch.float64)})
+    assert acc["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 2.0, -1.0])
+def test_head_scale_refuses_importance_outside_the_unit_interval(bad: float) -> None:
+    """1 - mean(A) would be NaN, negative (flipping the heads' gradients) or above 1."""
+    with pytest.raises(ValueError, match="'layer.bias'"):
+        head_scale({"layer.weight": torch.zeros(3), "layer.bias": torch.tensor([bad, 0.0])})
