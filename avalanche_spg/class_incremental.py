@@ -58,6 +58,7 @@ from avalanche_spg.importance_pass import (
     check_pass_parameters,
     checked_positions,
     enter_pass_mode,
+    loss_dtype,
     preserved_model_state,
     reference_sample_weights,
 )
@@ -169,7 +170,9 @@ def compute_gamma_class_incremental(
         collate_fn=getattr(dataset, "collate_fn", None),
         num_workers=num_workers,
     )
-    weights = reference_sample_weights(positions, batch_size, n_total)
+    weights = reference_sample_weights(
+        positions, batch_size, n_total, dtype=loss_dtype(torch.device(device))
+    )
     feature_names = list(feature_params)
     row_names = list(row_params)
     all_params = [feature_params[n] for n in feature_names] + [row_params[n] for n in row_names]

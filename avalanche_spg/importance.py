@@ -26,6 +26,7 @@ __all__ = [
     "head_scale",
     "fit_to_shape",
     "float64_device",
+    "has_float64",
 ]
 
 #: Device types without float64 support.
@@ -154,9 +155,14 @@ def accumulate_importance(
     return accumulated
 
 
+def has_float64(device: torch.device) -> bool:
+    """Whether ``device`` can hold float64 tensors (Apple's MPS cannot)."""
+    return device.type not in _NO_FLOAT64
+
+
 def float64_device(device: torch.device) -> torch.device:
     """``device`` if it computes in float64, else the CPU (Apple's MPS has no float64)."""
-    return torch.device("cpu") if device.type in _NO_FLOAT64 else device
+    return device if has_float64(device) else torch.device("cpu")
 
 
 def head_scale(importance: Mapping[str, Tensor]) -> float:

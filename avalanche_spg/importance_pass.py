@@ -80,7 +80,8 @@ classifier the same input on a few samples (same random numbers for each call), 
 otherwise.
 
 Summed gradients are accumulated in float32 (float64 for a float64 model), whatever the model's
-dtype; ``gamma`` is float32.
+dtype; ``gamma`` is float32. The per-sample weighted losses are summed in float64, except on a
+device without float64 (Apple's MPS: float32 there, :func:`loss_dtype`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from avalanche_spg.heads import missing_task_heads
-from avalanche_spg.importance import standardized_importance
+from avalanche_spg.importance import has_float64, standardized_importance
 
 __all__ = [
     "ImportanceMethod",
@@ -108,6 +109,7 @@ __all__ = [
     "avalanche_convention",
     "default_pass_batch_size",
     "reference_sample_weights",
+    "loss_dtype",
     "find_multihead_classifier",
     "preserve_train_flags",
     "preserved_model_state",
@@ -292,18 +294,27 @@ def find_multihead_classifier(model: nn.Module) -> nn.Module | None:
     return found[0] if len(found) == 1 else None
 
 
-def reference_sample_weights(positions: Sequence[int], batch_size: int, total: int) -> Tensor:
+def reference_sample_weights(
+    positions: Sequence[int], batch_size: int, total: int, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Per-sample weights ``1 / |reference minibatch|`` for the samples at ``positions``.
 
     The reference pass sums minibatch *means* over consecutive minibatches of ``batch_size`` of a
     dataset of ``total`` samples (the last minibatch may be smaller). The sample at position
     ``p`` belongs to minibatch ``p // batch_size``; its weight in that mean is returned, so that
     a weighted sum over any batching (or any shard of positions) reproduces the reference sum.
+    Weights are ``dtype`` (:func:`loss_dtype` of the device the pass runs on).
     """
     pos = torch.as_tensor(list(positions), dtype=torch.long)
     batch_start = (pos // batch_size) * batch_size
     sizes = torch.clamp(total - batch_start, max=batch_size)
-    return 1.0 / sizes.to(torch.float64)
+    return 1.0 / sizes.to(dtype)
+
+
+def loss_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of the pass's weighted loss sums on ``device``: float64, or float32 on a
+    device without float64 (Apple's MPS), where a float64 tensor cannot exist."""
+    return torch.float64 if has_float64(torch.device(device)) else torch.float32
 
 
 def default_pass_batch_size(reference_batch_size: int, device: torch.device | str) -> int:
@@ -467,7 +478,7 @@ class _Pass:
         """The reference's batch-mean cross-entropy in per-sample form, ``sum_i w_i CE_i``
         (``w_i``: ``1 / len(reference minibatch)``): exact for a smaller last minibatch and
         any batching of the samples."""
-        return (F.cross_entropy(self.call(x, t), y, reduction="none").double() * w).sum()
+        return (F.cross_entropy(self.call(x, t), y, reduction="none").to(w.dtype) * w).sum()
 
     def old_head_loss(self, x: Tensor, t: Tensor, head: int) -> Tensor:
         """Sum of all logits of head ``head`` (every sample labelled ``head``)."""
@@ -593,7 +604,9 @@ def compute_gamma(
             collate_fn=getattr(dataset, "collate_fn", None),
             num_workers=num_workers,
         )
-        weights = reference_sample_weights(positions, reference_batch_size, n_total)
+        weights = reference_sample_weights(
+            positions, reference_batch_size, n_total, dtype=loss_dtype(device)
+        )
         batches = _Batches(loader, weights, device, default_task)
         run = _Pass(model, forward, state, batches, params, previous)
 
@@ -811,7 +824,8 @@ def _tapped_loop(
                 for index, head in enumerate(heads):
                     if head is None:
                         # The current head's loss, on the logits just checked to be the model's.
-                        loss = (F.cross_entropy(logits, yg, reduction="none").double() * wg).sum()
+                        ce = F.cross_entropy(logits, yg, reduction="none")
+                        loss = (ce.to(wg.dtype) * wg).sum()
                     else:
                         loss = tap.head(head_input, head).sum()
                     cotangents[index].append(_cotangent(loss, head_input))

@@ -120,3 +120,37 @@ def test_the_class_incremental_pass_checks_the_same(setup: Any) -> None:
         arguments.update(changes)
         with pytest.raises(ValueError, match=named):
             compute_gamma_class_incremental(model, dataset, **arguments)
+
+
+# ------------------------------------------------------------------ devices without float64
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_the_pass_creates_no_float64_tensor_on_a_device_without_float64(
+    setup: Any, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Apple's MPS cannot hold a float64 tensor, and the pass summed its weighted losses in
+    float64 there. Seen as such a device, the CPU runs the whole pass (forward and backward)
+    without a float64 tensor, and the importance stays within float32 rounding."""
+    from torch.overrides import TorchFunctionMode
+
+    import avalanche_spg.importance
+
+    expected = _call(setup, method=method)
+
+    class Float64Watch(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for value in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                    self.seen.append(getattr(func, "__name__", repr(func)))
+            return out
+
+    monkeypatch.setattr(avalanche_spg.importance, "_NO_FLOAT64", frozenset({"mps", "cpu"}))
+    with Float64Watch() as watch:
+        gamma = _call(setup, method=method)
+    assert watch.seen == []
+    for name, value in gamma.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5)
