@@ -10,7 +10,10 @@ head is created automatically for every new task label.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
@@ -19,9 +22,26 @@ from torch import Tensor, nn
 __all__ = ["AlexNetLike", "MultiHeadMLP", "count_parameters"]
 
 
-def _check_dropout(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+def _check_dropout(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and 0.0 <= value < 1.0)
+    ):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _size(name: str, value: Any) -> int:
+    """``value`` as a layer size: an int >= 1 (not a bool, not a float), else ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return size
 
 
 class AlexNetLike(MultiTaskModule):
@@ -32,7 +52,8 @@ class AlexNetLike(MultiTaskModule):
     dropout2 → linear(2048) → ReLU → dropout2 → head of the task``. For 32×32×3 inputs the
     feature extractor has about 6.5 M parameters.
 
-    :param input_shape: ``(channels, height, width)``, square images; ``s`` above is the height.
+    :param input_shape: ``(channels, height, width)``, square images; ``s`` above is the height
+        (at least 12: smaller images vanish in the three poolings).
     :param drop1: dropout after the first two convolutions (the paper tunes it per sequence).
     :param drop2: dropout after the third convolution and the linear layers.
     :param hidden: width of the two linear layers (2048 in the paper).
@@ -48,13 +69,14 @@ class AlexNetLike(MultiTaskModule):
         initial_out_features: int = 2,
     ) -> None:
         super().__init__()
-        if len(input_shape) != 3 or min(input_shape) < 1:
+        if isinstance(input_shape, (str, bytes)) or len(input_shape) != 3:
             raise ValueError(f"input_shape must be (channels, height, width), got {input_shape!r}")
+        channels, size, width = (_size("input_shape", v) for v in input_shape)
         _check_dropout("drop1", drop1)
         _check_dropout("drop2", drop2)
-        channels, size, _ = (int(v) for v in input_shape)
-        if size < 10:
-            raise ValueError(f"AlexNetLike needs images of at least 10x10, got {input_shape!r}")
+        hidden = _size("hidden", hidden)
+        if size < 12 or width < 12:
+            raise ValueError(f"AlexNetLike needs images of at least 12x12, got {input_shape!r}")
         self.features = nn.Sequential(
             nn.Conv2d(channels, 64, kernel_size=size // 8),
             nn.ReLU(),
@@ -70,8 +92,14 @@ class AlexNetLike(MultiTaskModule):
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
-        with torch.no_grad():
-            flat = self.features(torch.zeros(1, *input_shape)).shape[1]
+        try:
+            with torch.no_grad():
+                flat = self.features(torch.zeros(1, channels, size, width)).shape[1]
+        except RuntimeError as error:  # a narrow image: too small for a kernel or a pooling
+            raise ValueError(
+                f"AlexNetLike cannot take images of input_shape {input_shape!r} (its kernels "
+                f"come from the height, {size}): {error}"
+            ) from error
         self.fc = nn.Sequential(
             nn.Linear(flat, hidden),
             nn.ReLU(),
@@ -104,10 +132,16 @@ class MultiHeadMLP(MultiTaskModule):
         initial_out_features: int = 2,
     ) -> None:
         super().__init__()
-        if input_size < 1:
-            raise ValueError(f"input_size must be >= 1, got {input_size!r}")
-        if not hidden_sizes or min(hidden_sizes) < 1:
-            raise ValueError(f"hidden_sizes must be non-empty positive ints, got {hidden_sizes!r}")
+        input_size = _size("input_size", input_size)
+        if (
+            isinstance(hidden_sizes, (str, bytes))
+            or not isinstance(hidden_sizes, Sequence)
+            or not hidden_sizes
+        ):
+            raise ValueError(
+                f"hidden_sizes must be a non-empty sequence of ints >= 1, got {hidden_sizes!r}"
+            )
+        hidden_sizes = [_size("hidden_sizes", size) for size in hidden_sizes]
         _check_dropout("dropout", dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = input_size
