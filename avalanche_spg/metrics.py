@@ -33,12 +33,15 @@ for training metrics), with names in Avalanche's style:
 from __future__ import annotations
 
 import csv
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricResult, MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
@@ -192,10 +195,14 @@ class ImportanceAboveFraction(_SPGCapacityMetric):
     """
 
     def __init__(self, threshold: float) -> None:
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, numbers.Real)
+            or not 0.0 <= threshold < 1.0
+        ):
+            raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}")
         super().__init__()
-        self.threshold = float(threshold)
+        self.threshold: float = float(threshold)
         self.base_name = f"SPG/fraction_importance_above_{self.threshold:g}"
 
     def _values(self, plugin: SPGPlugin) -> dict[str, float]:
@@ -229,9 +236,17 @@ def spg_capacity_metrics(
 
     :param mean: emit the overall mean importance.
     :param per_layer: emit the mean importance of every parameter tensor.
-    :param thresholds: emit the fraction of elements above each of these values.
+    :param thresholds: emit the fraction of elements above each of these values (distinct
+        numbers in ``[0, 1)``).
     :param head_scale: emit the head scale.
+    :raises ValueError: naming ``thresholds`` if it is not a sequence of distinct numbers in
+        ``[0, 1)`` (a repeated one would log its metric twice under one name).
     """
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
+        raise ValueError(f"thresholds must be a sequence of numbers in [0, 1), got {thresholds!r}")
+    repeated = sorted({t for t in thresholds if list(thresholds).count(t) > 1}, key=repr)
+    if repeated:
+        raise ValueError(f"thresholds must be distinct, got {repeated} more than once")
     metrics: list[PluginMetric[Any]] = []
     if mean:
         metrics.append(MeanImportance())
@@ -249,6 +264,10 @@ class ScalarCSVLogger(BaseLogger):
 
     Avalanche's own ``CSVLogger`` has a fixed set of columns (accuracy, loss, forgetting) and
     drops every other metric; this logger keeps all scalars, the SPG capacity metrics included.
+    A scalar is a real number of any kind (Python, NumPy, a one-element tensor or array); a
+    metric whose value is a mapping (per task, per class, nested) gives one row per number in
+    it, named ``name/key/...``. Other values (images, whole tensors) are not scalars and are
+    left out.
 
     :param path: the CSV file to write (its folder is created; an existing file is replaced).
     """
@@ -261,12 +280,26 @@ class ScalarCSVLogger(BaseLogger):
             csv.writer(fh).writerow(["metric", "x", "value"])
 
     def log_single_metric(self, name: str, value: Any, x_plot: int) -> None:
-        if isinstance(value, Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        rows = list(_scalar_rows(name, value))
+        if not rows:
             return
         with open(self.path, "a", newline="") as fh:
-            csv.writer(fh).writerow([name, x_plot, repr(float(value))])
+            csv.writer(fh).writerows([row_name, x_plot, repr(number)] for row_name, number in rows)
+
+
+def _scalar_rows(name: str, value: Any) -> list[tuple[str, float]]:
+    """``(name, number)`` for ``value`` if it is a scalar, for every scalar inside it if it is
+    a mapping (names extended by the keys), else nothing."""
+    if isinstance(value, Mapping):
+        return [row for key, inner in value.items() for row in _scalar_rows(f"{name}/{key}", inner)]
+    if isinstance(value, Tensor) or type(value).__module__ == "numpy":
+        size = value.numel() if isinstance(value, Tensor) else getattr(value, "size", 0)
+        if size != 1 or getattr(value, "dtype", None) in (bool, torch.bool):
+            return []
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return []
+    return [(name, float(value))]
 
 
 # ------------------------------------------------------------------------------ history, plot
@@ -302,6 +335,20 @@ def plot_importance_per_layer(
     """
     if not history or not any(len(v) for v in history.values()):
         raise ValueError("history is empty: nothing to plot")
+    for name, values in history.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(f"history[{name!r}] must be a list of numbers, got {values!r}")
+        bad = [
+            v
+            for v in values
+            if isinstance(v, bool)
+            or not isinstance(v, numbers.Real)
+            or not (math.isfinite(v) and 0.0 <= v <= 1.0)
+        ]
+        if bad:
+            raise ValueError(
+                f"history[{name!r}] holds {bad[0]!r}: mean importances are numbers in [0, 1]"
+            )
     # Figure without pyplot: no global backend state, works headless.
     from matplotlib.figure import Figure
 

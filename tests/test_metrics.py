@@ -215,3 +215,52 @@ def test_plot_importance_per_layer_writes_an_image(tmp_path):
     assert out.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="empty"):
         plot_importance_per_layer({}, tmp_path / "none.png")
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "named"),
+    [(0.5, "got 0.5"), ("0.5", "got '0.5'"), ([0.5, 0.5], r"\[0.5\] more than once")],
+)
+def test_thresholds_that_are_not_distinct_numbers_are_rejected(thresholds, named):
+    """A bare number (a TypeError before), a string (compared character by character), a
+    repeated threshold (two metrics of one name, each value logged twice)."""
+    with pytest.raises(ValueError, match=named):
+        spg_capacity_metrics(thresholds=thresholds)
+
+
+def test_scalar_csv_logger_keeps_numpy_scalars_and_nested_values(tmp_path):
+    """Every real number is a scalar: NumPy's (Avalanche metrics and user metrics return them)
+    and the numbers inside per-task / per-class mappings were dropped without a trace."""
+    import numpy as np
+    from avalanche.evaluation.metric_results import MetricValue
+
+    logger = ScalarCSVLogger(tmp_path / "scalars.csv")
+    values = {
+        "np_float": np.float32(0.5),
+        "np_int": np.int64(3),
+        "np_0d": np.array(0.25),
+        "tensor": torch.tensor([0.75]),
+        "nested": {0: {1: 0.125}},
+        "image": torch.zeros(2, 2),
+        "flag": True,
+    }
+    logger.log_metrics([MetricValue(object(), name, v, 7) for name, v in values.items()])
+    with open(tmp_path / "scalars.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows == [
+        ["metric", "x", "value"],
+        ["np_float", "7", "0.5"],
+        ["np_int", "7", "3.0"],
+        ["np_0d", "7", "0.25"],
+        ["tensor", "7", "0.75"],
+        ["nested/0/1", "7", "0.125"],
+    ]
+
+
+@pytest.mark.parametrize("values", [0.5, [0.1, float("nan")], [0.1, 1.5], ["0.1"]])
+def test_plot_importance_per_layer_names_a_layer_whose_values_are_not_importances(tmp_path, values):
+    """A NaN was drawn as a gap and a value above 1 cut off by the axis, silently."""
+    with pytest.raises(ValueError, match="'features.1.bias'"):
+        plot_importance_per_layer(
+            {"features.1.weight": [0.1, 0.2], "features.1.bias": values}, tmp_path / "x.png"
+        )
