@@ -115,10 +115,13 @@ def init_distributed(
     random), and ``cuda:<rank>`` as the current device. Without a launcher it only seeds and
     picks ``cuda`` or ``cpu``. Calling it again in an initialised process is allowed.
 
-    :param seed: the random seed of every rank (the same everywhere, so models start equal).
+    :param seed: the random seed of every rank (the same everywhere, so models start equal):
+        an int in ``[0, 2**32)`` (NumPy's range).
     :param use_cuda: use the GPU (default: when one is available).
     :param backend: force a backend (``"gloo"``, ``"nccl"``); default as above.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     if use_cuda is None:
         use_cuda = torch.cuda.is_available()
     if launched_distributed() or is_distributed():
@@ -146,8 +149,12 @@ def cleanup_distributed() -> None:
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     """The minibatch of each rank so that one DDP step averages ``global_batch_size`` samples.
 
-    :raises ValueError: when the global batch does not split evenly across the ranks.
+    :raises ValueError: when the global batch does not split evenly across the ranks, or either
+        is not a positive int.
     """
+    for name, value in (("global batch size", global_batch_size), ("world size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"the {name} must be an int, got {value!r}")
     if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
         raise ValueError(
             f"global batch size {global_batch_size} must be a positive multiple of the number "
@@ -230,9 +237,16 @@ def add_distributed_support(strategy: Any, full_eval: bool = True) -> Distribute
 
     Call it after ``maybe_load_checkpoint``: a checkpoint replaces ``strategy.plugins`` with the
     list it was saved with, which lacks the plugin if a run without it wrote the checkpoint.
+
+    :raises ValueError: if the strategy's plugin has another ``full_eval`` than asked for.
     """
     for plugin in strategy.plugins:
         if isinstance(plugin, DistributedSupportPlugin):
+            if plugin.full_eval != full_eval:
+                raise ValueError(
+                    f"the strategy's DistributedSupportPlugin has full_eval={plugin.full_eval!r}, "
+                    f"not the full_eval={full_eval!r} asked for"
+                )
             return plugin
     plugin = DistributedSupportPlugin(full_eval=full_eval)
     strategy.plugins.append(plugin)
@@ -268,6 +282,8 @@ class DistributedSupportPlugin(SupervisedPlugin, supports_distributed=True):  # 
 
     def __init__(self, full_eval: bool = True) -> None:
         super().__init__()
+        if not isinstance(full_eval, bool):
+            raise ValueError(f"full_eval must be True or False, got {full_eval!r}")
         self.full_eval = full_eval
         self._wrapped_model_id: int | None = None
         self._wrapped_signature: tuple[tuple[str, int], ...] = ()

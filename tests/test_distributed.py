@@ -647,3 +647,27 @@ def test_per_rank_batch_size_splits_the_global_batch() -> None:
     assert per_rank_batch_size(64, 1) == 64
     with pytest.raises(ValueError, match="multiple"):
         per_rank_batch_size(64, 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda: per_rank_batch_size(64.0, 2), "got 64.0"),  # returned 32.0, a float batch
+        (lambda: per_rank_batch_size(True, 1), "got True"),
+        (lambda: DistributedSupportPlugin(full_eval="no"), "full_eval must be True or False"),
+        (lambda: init_distributed(seed=-1, use_cuda=False), "seed must be an int"),
+        (lambda: init_distributed(seed="0", use_cuda=False), "got '0'"),
+    ],
+)
+def test_helpers_name_a_bad_argument(call: Any, named: str) -> None:
+    """A truthy string for full_eval used to act as True; a float batch came back a float."""
+    with pytest.raises(ValueError, match=named):
+        call()
+
+
+def test_add_distributed_support_refuses_to_ignore_full_eval() -> None:
+    """The strategy's plugin evaluates the whole stream; asking for sharded evaluation used to
+    return it silently."""
+    strategy = make_naive(make_mlp((8,)), [SPGPlugin(), DistributedSupportPlugin()])
+    with pytest.raises(ValueError, match="full_eval=True"):
+        add_distributed_support(strategy, full_eval=False)
