@@ -107,7 +107,10 @@ def maybe_load_checkpoint(
     Same contract as ``avalanche.checkpointing.maybe_load_checkpoint`` (0 when there is no
     file). Every rank may load the same file. All or nothing: a file that is empty, truncated,
     not a checkpoint, or otherwise unreadable raises ``ValueError`` naming the file and the
-    problem, and leaves ``strategy`` as it was.
+    problem, and leaves ``strategy`` as it was. So does a checkpoint saved with another number
+    of ``SPGPlugin`` s than ``strategy`` has (a strategy takes the checkpoint's plugins, so
+    resuming a run without SPG would silently drop the SPG of ``strategy``, and the other way
+    round add it).
     """
     from avalanche.checkpointing import maybe_load_checkpoint as avalanche_load
 
@@ -131,8 +134,26 @@ def maybe_load_checkpoint(
             f"cannot load checkpoint {_name(fname)}: it is not a checkpoint written by "
             f"save_checkpoint (its experience counter is {next_experience!r})"
         )
+    _check_same_spg(fname, strategy, loaded)
     strategy.__dict__.update(vars(loaded))
     return strategy, next_experience
+
+
+def _check_same_spg(fname: Any, strategy: Any, loaded: Any) -> None:
+    """``ValueError`` unless the checkpoint holds as many ``SPGPlugin`` s as ``strategy``."""
+    from avalanche_spg.plugin import SPGPlugin
+
+    def spg_count(holder: Any) -> int:
+        return sum(isinstance(p, SPGPlugin) for p in getattr(holder, "plugins", None) or [])
+
+    here, saved = spg_count(strategy), spg_count(loaded)
+    if here != saved:
+        effect = "drop this strategy's SPG" if here > saved else "add SPG to this strategy"
+        raise ValueError(
+            f"cannot load checkpoint {_name(fname)}: it was saved by a strategy with {saved} "
+            f"SPGPlugin, this one has {here}, and loading it would silently {effect} (a "
+            "strategy takes the checkpoint's plugins). Give each run its own checkpoint file."
+        )
 
 
 class _Attributes:

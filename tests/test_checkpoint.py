@@ -176,3 +176,23 @@ def test_a_file_that_is_not_a_checkpoint_gives_an_error_naming_file_and_problem(
     # nothing of the strategy was replaced
     assert set(vars(strategy)) == set(attributes)
     assert all(vars(strategy)[k] is v for k, v in attributes.items())
+
+
+@pytest.mark.parametrize("saved_with_spg", [False, True])
+def test_a_checkpoint_with_another_number_of_spg_plugins_is_refused(
+    digits_til_small: Any, tmp_path: Path, saved_with_spg: bool
+) -> None:
+    """A run without SPG wrote the file (a baseline sharing the path, say): resuming the SPG
+    run from it used to drop SPG silently, since the strategy takes the checkpoint's plugins.
+    The other way round it added SPG. Refused, naming the file, with nothing replaced."""
+    saved = make_naive(make_mlp(), [SPGPlugin()] if saved_with_spg else [])
+    saved.train(digits_til_small.train_stream[0])
+    ckpt = tmp_path / "ckpt.pkl"
+    save_checkpoint(saved, ckpt)
+    strategy = make_naive(make_mlp(seed=3), [] if saved_with_spg else [SPGPlugin()])
+    attributes = dict(vars(strategy))
+    with pytest.raises(ValueError, match="SPGPlugin") as info:
+        maybe_load_checkpoint(strategy, ckpt)
+    assert str(ckpt) in str(info.value)
+    assert set(vars(strategy)) == set(attributes)
+    assert all(vars(strategy)[k] is v for k, v in attributes.items())
