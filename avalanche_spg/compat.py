@@ -58,10 +58,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["SPGCompatibilityError", "SPGCompatibilityWarning", "check_strategy"]
+__all__ = ["SPGCompatibilityError", "SPGCompatibilityWarning", "check_strategy", "check_output"]
 
 
 # Strategies already warned about their criterion: before_training runs at every train() call.
@@ -92,6 +92,30 @@ def check_strategy(strategy: Any) -> None:
     _check_persistent_parameters(strategy, name, plugins)
     _check_objective(strategy, name, plugins)
     _check_final_weights(name, plugins, SPGPlugin)
+
+
+def check_output(strategy: Any) -> None:
+    """Raise :class:`SPGCompatibilityError` unless the model's output on the current minibatch
+    (``strategy.mb_output``) is class logits: a tensor of shape ``(batch, classes, ...)``.
+
+    The importance pass takes the cross-entropy of this output (Section 3.1); a tuple, a dict
+    or one number per sample would fail there, after the experience has trained.
+    :class:`~avalanche_spg.SPGPlugin` calls it after the first forward of every experience,
+    before any step.
+    """
+    output = getattr(strategy, "mb_output", None)
+    if isinstance(output, Tensor) and output.dim() >= 2:
+        return
+    found = (
+        f"a tensor of shape {tuple(output.shape)}"
+        if isinstance(output, Tensor)
+        else f"a {type(output).__name__}"
+    )
+    raise SPGCompatibilityError(
+        f"SPGPlugin cannot work with {type(strategy).__name__}: its model returns {found}, not "
+        "class logits of shape (batch, classes); SPG's importance pass takes the cross-entropy "
+        "of the model's output (Section 3.1)."
+    )
 
 
 def _check_spg_plugins(name: str, plugins: list[Any], spg_class: type) -> None:

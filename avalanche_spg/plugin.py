@@ -244,6 +244,15 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             self._warn_about(optimizer)
         self._step_guard.attach(optimizer, type(strategy).__name__)
 
+    def after_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Refuse, before the experience's first step, an output that is not class logits
+        (:func:`avalanche_spg.compat.check_output`): the importance pass would fail on it
+        once the experience has trained."""
+        if self._iterations_this_exp == 0:
+            from avalanche_spg.compat import check_output
+
+            check_output(strategy)
+
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Scale the gradients (``mask='grad'``) or remember the parameters (``'update'``)."""
         self._updates_this_exp += 1

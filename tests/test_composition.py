@@ -253,3 +253,42 @@ def test_cross_entropy_criteria_train_without_a_compatibility_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error", SPGCompatibilityWarning)
         strategy.train(digits_til_small.train_stream[0])
+
+
+class _TupleOutput(nn.Module):
+    """Wraps a model so that it returns ``(logits, logits)``: not class logits for SPG."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.inner(x, torch.zeros(len(x), dtype=torch.long))
+        return logits, logits
+
+
+@pytest.mark.parametrize("output", ["tuple", "one number per sample"])
+def test_an_output_that_is_not_class_logits_is_refused_before_the_first_step(
+    digits_til_small: Any, output: str
+) -> None:
+    """The criterion copes with the output (so training itself would run), the importance
+    pass cannot: it used to fail with a TypeError once the experience had trained."""
+    if output == "tuple":
+        model: nn.Module = _TupleOutput(make_mlp())
+
+        def criterion(out: Any, target: Tensor) -> Tensor:
+            return nn.functional.cross_entropy(out[0], target)
+    else:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Flatten(0))
+
+        def criterion(out: Any, target: Tensor) -> Tensor:
+            return nn.functional.mse_loss(out, target.float())
+
+    before = snapshot_params(model)
+    strategy = make_naive(model, [SPGPlugin()], criterion=criterion)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SPGCompatibilityWarning)
+        with pytest.raises(SPGCompatibilityError, match="not class logits"):
+            strategy.train(digits_til_small.train_stream[0])
+    after = snapshot_params(model)
+    assert all(torch.equal(after[n], v) for n, v in before.items())
