@@ -417,6 +417,15 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 "would not protect them. Load the plugin's state with the model it was saved "
                 "with."
             )
+        # Heads get the scalar rule, never importance (Section 3.2), unless class_incremental
+        # gives classifier rows their own: importance on heads here would only skew the scale.
+        on_heads = sorted(set(self._importance) & set(heads))
+        if on_heads and not self.class_incremental:
+            raise ValueError(
+                f"SPGPlugin: the importance covers parameters that are heads here ({on_heads[:5]}"
+                f"; heads={self.heads!r}); heads get no importance, only the head rule. The "
+                "state was saved with class_incremental=True or another head selection."
+            )
         # Frozen parameters (not trainable now) keep their importance but need no mask.
         unknown = sorted(set(self._importance) - set(features) - set(heads))
         if unknown and not self._warned_unknown:

@@ -298,3 +298,27 @@ def test_importance_of_parameters_the_model_does_not_have_is_refused_before_trai
     after = snapshot_params(model)
     assert all(torch.equal(after[n], v) for n, v in before.items() if n in after)
     assert _state_equal(plugin.state_dict(), loaded)
+
+
+def test_importance_on_parameters_that_are_heads_here_is_refused_before_training(
+    digits_til_small: Any,
+) -> None:
+    """A class-incremental state (classifier rows carry importance) loaded into a
+    task-incremental plugin: heads get the scalar rule only (Section 3.2), so that importance
+    masked nothing and silently lowered the head scale. Refused before the first step."""
+    model = make_mlp(hidden=(16, 12))
+    ci_plugin = SPGPlugin(class_incremental=True)
+    make_naive(model, [ci_plugin]).train(digits_til_small.train_stream[0])
+    state = ci_plugin.state_dict()
+    assert any(name.startswith("classifier.") for name in state["importance"])
+    plugin = SPGPlugin()
+    plugin.load_state_dict(state)
+    loaded = plugin.state_dict()
+    strategy = make_naive(model, [plugin])
+    before = snapshot_params(model)
+    with pytest.raises(ValueError, match="heads here") as info:
+        strategy.train(digits_til_small.train_stream[1])
+    assert "classifier." in str(info.value)
+    after = snapshot_params(model)
+    assert all(torch.equal(after[n], v) for n, v in before.items() if n in after)
+    assert _state_equal(plugin.state_dict(), loaded)
