@@ -124,8 +124,14 @@ class TaskNormStatsPlugin(SupervisedPlugin):
         for task in getattr(strategy.experience, "task_labels", [0]):
             self._per_task[int(task)] = stats
 
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Train with the statistics training left, even if an evaluation that loaded a task's
+        own was interrupted (an exception skips ``after_eval_exp``)."""
+        self._put_back(strategy)
+
     def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Load the evaluated task's own statistics (when it has a single, trained task)."""
+        self._put_back(strategy)  # an earlier evaluation that was interrupted
         labels = [int(t) for t in getattr(strategy.experience, "task_labels", [])]
         if len(labels) != 1 or labels[0] not in self._per_task:
             return
@@ -143,6 +149,9 @@ class TaskNormStatsPlugin(SupervisedPlugin):
 
     def after_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Put back the statistics training left."""
+        self._put_back(strategy)
+
+    def _put_back(self, strategy: Any) -> None:
         if self._shared is None:
             return
         _copy_into(dict(normalisation_statistics(strategy.model)), self._shared)

@@ -213,3 +213,20 @@ def test_a_malformed_state_is_refused_naming_the_entry_and_nothing_is_replaced()
         assert torch.equal(
             plugin.state_dict()["per_task"][0]["bn.running_mean"], torch.tensor([1.0])
         )
+
+
+def test_an_interrupted_evaluation_does_not_leave_the_task_statistics_for_training() -> None:
+    """An exception during evaluation skips after_eval_exp: the task's own statistics used to
+    stay in the model, and the next experience trained on top of them."""
+    model = _TwoNorms()
+    plugin = TaskNormStatsPlugin()
+    _store(plugin, model, task=0, value=2.0)
+    _store(plugin, model, task=1, value=5.0)
+    plugin.before_eval_exp(_strategy(model, 0))  # ... and the evaluation raises here
+    assert torch.equal(model.first.running_mean, torch.full((3,), 2.0))
+    plugin.before_training_exp(_strategy(model, 2))
+    assert torch.equal(model.first.running_mean, torch.full((3,), 5.0))
+    plugin.before_eval_exp(_strategy(model, 0))
+    plugin.before_eval_exp(_strategy(model, 1))  # a new evaluation after an interrupted one
+    plugin.after_eval_exp(_strategy(model, 1))
+    assert torch.equal(model.first.running_mean, torch.full((3,), 5.0))
