@@ -19,6 +19,7 @@ __all__ = [
     "check_head_selector",
     "default_head_names",
     "split_parameters",
+    "check_head_selection",
     "missing_task_heads",
 ]
 
@@ -88,6 +89,22 @@ def split_parameters(
     features = {n: p for (n, p), head in zip(named, is_head) if not head}
     head_params = {n: p for (n, p), head in zip(named, is_head) if head}
     return features, head_params
+
+
+def check_head_selection(model: nn.Module, heads: HeadSelector | None) -> None:
+    """``ValueError`` if ``heads`` names a module the model does not have, or one without a
+    trainable parameter: it would select nothing, and the parameters the user meant as a head
+    would silently be treated as feature parameters (importance instead of the head rule)."""
+    split_parameters(model, heads)
+    if heads is None or callable(heads):
+        return
+    named = [n for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+    empty = [h for h in heads if not any(n.startswith(h + ".") for n in named)]
+    if empty:
+        raise ValueError(
+            f"heads names modules without a trainable parameter: {empty}; they select no "
+            "head (name the modules that hold the task heads' weights)"
+        )
 
 
 def missing_task_heads(model: nn.Module, tasks: Collection[int]) -> dict[str, list[int]]:

@@ -24,7 +24,12 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
 from avalanche_spg.class_incremental import compute_gamma_class_incremental
-from avalanche_spg.heads import HeadSelector, missing_task_heads, split_parameters
+from avalanche_spg.heads import (
+    HeadSelector,
+    check_head_selection,
+    missing_task_heads,
+    split_parameters,
+)
 from avalanche_spg.importance import max_accumulate
 from avalanche_spg.importance_pass import (
     ImportanceMethod,
@@ -224,7 +229,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
 
         check_strategy(strategy)
         # Validate the head selection now rather than after the first experience has trained.
-        self.split_parameters(strategy.model)
+        check_head_selection(strategy.model, self.heads)
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Check that the model fits the plugin's state, fix ``1 - A`` and the head scale for

@@ -216,3 +216,17 @@ def test_bad_head_selector_fails_before_any_training_step(digits_til_small: Any)
         strategy.train(digits_til_small.train_stream[0])
     for name, value in before.items():
         assert torch.equal(dict(model.named_parameters())[name], value), name
+
+
+def test_a_head_selector_naming_a_module_without_parameters_fails_before_training(
+    digits_til_small: Any,
+) -> None:
+    """``features.0`` exists (a Flatten) but holds no parameter: the selection chose no head,
+    so the classifier it was meant to name got importance instead of the head rule, silently."""
+    model = make_mlp()
+    before = snapshot_params(model)
+    strategy = make_naive(model, [SPGPlugin(heads=["features.0"])])
+    with pytest.raises(ValueError, match=r"without a trainable parameter: \['features.0'\]"):
+        strategy.train(digits_til_small.train_stream[0])
+    for name, value in before.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
