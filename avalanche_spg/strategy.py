@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from avalanche.core import SupervisedPlugin
@@ -47,6 +47,12 @@ class SPG(SupervisedTemplate):
         plugins: Sequence[SupervisedPlugin] | None = None,
         **kwargs: Any,
     ) -> None:
+        if spg_kwargs is not None and not isinstance(spg_kwargs, Mapping):
+            raise ValueError(
+                f"spg_kwargs must be a dict of SPGPlugin arguments, got {spg_kwargs!r}"
+            )
+        if isinstance(plugins, SupervisedPlugin):
+            raise ValueError(f"plugins must be a list of plugins, got the plugin {plugins!r}")
         given = list(plugins or [])
         supplied = [p for p in given if isinstance(p, SPGPlugin)]
         if len(supplied) > 1:

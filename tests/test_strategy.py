@@ -107,3 +107,14 @@ def test_spg_strategy_does_not_change_the_list_it_is_given() -> None:
     given = [CallbackProbe()]
     SPG(model, torch.optim.SGD(model.parameters(), lr=0.1), plugins=given)
     assert len(given) == 1
+
+
+def test_spg_strategy_names_arguments_of_the_wrong_kind() -> None:
+    """A bare TypeError ('argument after ** must be a mapping', 'object is not iterable')
+    named neither the argument nor the value."""
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="spg_kwargs must be a dict .* got 'mask=update'"):
+        SPG(model, optimizer, spg_kwargs="mask=update")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="plugins must be a list of plugins"):
+        SPG(model, optimizer, plugins=SPGPlugin())  # type: ignore[arg-type]
