@@ -21,6 +21,7 @@ __all__ = [
     "split_parameters",
     "check_head_selection",
     "missing_task_heads",
+    "check_earlier_heads",
 ]
 
 #: How heads are chosen: module-name prefixes, or a predicate on (parameter name, parameter).
@@ -119,3 +120,29 @@ def missing_task_heads(model: nn.Module, tasks: Collection[int]) -> dict[str, li
             if absent:
                 missing[name] = absent
     return missing
+
+
+def check_earlier_heads(
+    model: nn.Module, seen_tasks: Sequence[int], current: Collection[int]
+) -> None:
+    """Refuse, before training, a model that lacks the head of a task trained earlier.
+
+    The importance pass after this experience back-propagates every earlier head's logits
+    (Section 3.1); without the head it could only fail once the experience has trained. Checked
+    on a ``MultiTaskModule`` with Avalanche's ``MultiHeadClassifier`` (the heads other models
+    keep are not known); ``current`` are the task labels of the experience about to train.
+
+    :raises ValueError: naming the classifier and the tasks it has no head for.
+    """
+    from avalanche.models import MultiTaskModule
+
+    if not isinstance(unwrap_model(model), MultiTaskModule):
+        return
+    needed = [t for t in seen_tasks if t not in current]
+    for name, missing in missing_task_heads(model, needed).items():
+        raise ValueError(
+            f"SPGPlugin: tasks {missing} were trained earlier (seen_tasks "
+            f"{list(seen_tasks)}) but the model's MultiHeadClassifier {name!r} has no head "
+            "for them; SPG's importance needs every earlier head. Restore the model "
+            "together with the plugin's state."
+        )

@@ -3,14 +3,16 @@
 Where things happen:
 
 * importance after each experience: :meth:`SPGPlugin.after_training_exp`, which calls
-  :func:`avalanche_spg.importance_pass.compute_gamma` and
+  :func:`avalanche_spg.experience_pass.experience_gamma` (the experience's data and the pass's
+  settings; the pass itself is :func:`avalanche_spg.importance_pass.compute_gamma`) and
   :func:`avalanche_spg.importance.max_accumulate`;
 * gradient masking before ``optimizer.step()``: :meth:`SPGPlugin.before_update`, which calls
   :meth:`avalanche_spg.masking.MaskSet.mask_gradients` on the masks that
   :func:`avalanche_spg.masking.build_masks` fixed when the experience started.
 
-Which parameters are heads: :mod:`avalanche_spg.heads`; checks of the constructor arguments and
-of a loaded state: :mod:`avalanche_spg.validation`.
+Which parameters are heads, and whether the model still has every earlier task's head:
+:mod:`avalanche_spg.heads`; checks of the constructor arguments, of a loaded state against the
+model, and of the optimizer: :mod:`avalanche_spg.validation`.
 """
 
 from __future__ import annotations
@@ -23,25 +25,24 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from avalanche_spg.class_incremental import compute_gamma_class_incremental
+from avalanche_spg.experience_pass import experience_gamma
 from avalanche_spg.heads import (
     HeadSelector,
+    check_earlier_heads,
     check_head_selection,
-    missing_task_heads,
     split_parameters,
 )
 from avalanche_spg.importance import max_accumulate
-from avalanche_spg.importance_pass import (
-    ImportanceMethod,
-    avalanche_convention,
-    compute_gamma,
-    find_multihead_classifier,
-)
+from avalanche_spg.importance_pass import ImportanceMethod
 from avalanche_spg.masking import HeadRule, MaskSet, StepGuard, build_masks, rule_head_scale
-from avalanche_spg.process_group import distributed_shard as _distributed_shard
 from avalanche_spg.process_group import unwrap_model
-from avalanche_spg.process_group import world_size as _world_size
-from avalanche_spg.validation import STATE_VERSION, check_plugin_arguments, checked_state
+from avalanche_spg.validation import (
+    STATE_VERSION,
+    approximate_masking_reason,
+    check_importance_names,
+    check_plugin_arguments,
+    checked_state,
+)
 
 __all__ = ["SPGPlugin", "SPGOptimizerWarning", "HeadSelector", "unwrap_model"]
 
@@ -239,7 +240,9 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         self._step_guard.detach()
         # Everything that could fail runs before anything changes: the model's heads, then
         # the masks (which check that the importance fits the parameters).
-        self._check_previous_heads(strategy)
+        if self.previous_heads and not self.class_incremental:
+            labels = getattr(getattr(strategy, "experience", None), "task_labels", [0])
+            check_earlier_heads(strategy.model, self._seen_tasks, {int(t) for t in labels})
         self._masks = self._build_masks(strategy.model)
         self._masks_stale = False
         optimizer = strategy.optimizer  # None for strategies without one (StreamingLDA)
@@ -314,125 +317,41 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
 
     # ------------------------------------------------------------------ internals
     def _compute_gamma(self, strategy: Any, current: list[int]) -> dict[str, Tensor]:
-        # The pass leaves the model as it found it (flags, normalisation statistics, every
-        # buffer and plain attribute): compute_gamma restores them itself.
-        return self._run_importance_pass(strategy, unwrap_model(strategy.model), current)
-
-    def _run_importance_pass(
-        self, strategy: Any, model: nn.Module, current: list[int]
-    ) -> dict[str, Tensor]:
+        """``gamma`` of the experience just trained (:mod:`avalanche_spg.experience_pass`); the
+        pass leaves the model as it found it (flags, normalisation statistics, buffers)."""
+        model = unwrap_model(strategy.model)
         features, heads = self.split_parameters(model)
-        # The experience's own training data (not strategy.dataloader, which replay plugins
-        # extend), with the training transforms, in a fixed order.
-        dataset = strategy.experience.dataset
-        dataset = dataset.train() if hasattr(dataset, "train") else dataset
-        if self.importance_max_samples is not None and self.importance_max_samples < len(dataset):
-            generator = torch.Generator().manual_seed(self._experiences_seen)
-            chosen = torch.randperm(len(dataset), generator=generator)
-            dataset = _SubsetWithCollate(
-                dataset, sorted(chosen[: self.importance_max_samples].tolist())
-            )
-        # Under DDP each optimizer step averages train_mb_size samples from every process.
-        reference_batch = self.importance_batch_size or strategy.train_mb_size * _world_size()
-        # The model is called as Avalanche's training calls it (avalanche_forward).
-        forward, task_aware = avalanche_convention(model)
-        # Under DDP each process takes its shard of the data; the sums are added across them.
-        total = len(dataset)
-        indices: list[int] | None = None
-        reducer = None
-        shard = _distributed_shard(total)
-        if shard is not None:
-            indices, reducer = shard
-        if self.class_incremental:
-            return compute_gamma_class_incremental(
-                model,
-                dataset,
-                features,
-                heads,
-                strategy.experience.classes_in_this_experience,
-                self._class_groups if self.previous_heads else [],
-                device=strategy.device,
-                batch_size=reference_batch,
-                num_workers=self.num_workers,
-                forward=forward,
-                indices=indices,
-                total_samples=total,
-                grad_reducer=reducer,
-            )
-        return compute_gamma(
+        return experience_gamma(
             model,
-            dataset,
+            strategy.experience,
             features,
+            heads,
             current,
-            # A model without task heads has no older heads to protect.
-            self._seen_tasks if self.previous_heads and task_aware else [],
             device=strategy.device,
-            reference_batch_size=reference_batch,
+            train_mb_size=strategy.train_mb_size,
+            seen_tasks=self._seen_tasks,
+            class_groups=self._class_groups,
+            seed=self._experiences_seen,
             method=self.importance_method,
+            batch_size=self.importance_batch_size,
             pass_batch_size=self.importance_pass_batch_size,
-            indices=indices,
-            total_samples=total,
-            grad_reducer=reducer,
+            max_samples=self.importance_max_samples,
             num_workers=self.num_workers,
-            forward=forward,
-            classifier=find_multihead_classifier(model),
+            class_incremental=self.class_incremental,
+            previous_heads=self.previous_heads,
         )
-
-    def _check_previous_heads(self, strategy: Any) -> None:
-        """Refuse, before training, a model that lacks the head of a task trained earlier.
-
-        The importance pass after this experience back-propagates every earlier head's logits
-        (Section 3.1); without the head it could only fail once the experience has trained.
-        Checked on Avalanche's ``MultiHeadClassifier`` (the heads other models keep are not
-        known).
-        """
-        from avalanche.models import MultiTaskModule
-
-        if self.class_incremental or not self.previous_heads:
-            return
-        if not isinstance(unwrap_model(strategy.model), MultiTaskModule):
-            return
-        experience = getattr(strategy, "experience", None)
-        current = {int(t) for t in getattr(experience, "task_labels", [0])}
-        needed = [t for t in self._seen_tasks if t not in current]
-        for name, missing in missing_task_heads(strategy.model, needed).items():
-            raise ValueError(
-                f"SPGPlugin: tasks {missing} were trained earlier (seen_tasks "
-                f"{self._seen_tasks}) but the model's MultiHeadClassifier {name!r} has no head "
-                "for them; SPG's importance needs every earlier head. Restore the model "
-                "together with the plugin's state."
-            )
 
     def _build_masks(self, model: nn.Module) -> MaskSet | None:
         features, heads = self.split_parameters(model)
-        if not features and not self.class_incremental:
-            raise ValueError(
-                "SPGPlugin: the model has no trainable feature parameter (the head selection "
-                f"heads={self.heads!r} takes every trainable parameter), so SPG would protect "
-                "nothing. Select only the task heads as heads."
-            )
-        # Importance of a parameter the model does not have at all was measured on another
-        # model (or under other names): it would protect nothing here, silently.
-        names = {name for name, _ in unwrap_model(model).named_parameters()}
-        absent = sorted(set(self._importance) - names)
-        if absent:
-            raise ValueError(
-                f"SPGPlugin: the importance names {len(absent)} parameters the model does not "
-                f"have (e.g. {absent[:5]}; the model's are e.g. {sorted(names)[:5]}), so SPG "
-                "would not protect them. Load the plugin's state with the model it was saved "
-                "with."
-            )
-        # Heads get the scalar rule, never importance (Section 3.2), unless class_incremental
-        # gives classifier rows their own: importance on heads here would only skew the scale.
-        on_heads = sorted(set(self._importance) & set(heads))
-        if on_heads and not self.class_incremental:
-            raise ValueError(
-                f"SPGPlugin: the importance covers parameters that are heads here ({on_heads[:5]}"
-                f"; heads={self.heads!r}); heads get no importance, only the head rule. The "
-                "state was saved with class_incremental=True or another head selection."
-            )
+        unknown = check_importance_names(
+            self._importance,
+            unwrap_model(model),
+            features,
+            heads,
+            head_selection=self.heads,
+            class_incremental=self.class_incremental,
+        )
         # Frozen parameters (not trainable now) keep their importance but need no mask.
-        unknown = sorted(set(self._importance) - set(features) - set(heads))
         if unknown and not self._warned_unknown:
             self._warned_unknown = True
             warnings.warn(
@@ -457,7 +376,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         """One :class:`SPGOptimizerWarning` if ``optimizer`` makes gradient masking inexact."""
         if not self.warn_optimizer or self._warned_optimizer or self.mask != "grad":
             return
-        reason = _approximate_masking_reason(optimizer)
+        reason = approximate_masking_reason(optimizer)
         if reason is not None:
             self._warned_optimizer = True
             warnings.warn(
@@ -468,30 +387,3 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                 SPGOptimizerWarning,
                 stacklevel=3,
             )
-
-
-class _SubsetWithCollate(torch.utils.data.Dataset):
-    """A subset that keeps the parent dataset's ``collate_fn``."""
-
-    def __init__(self, dataset: Any, indices: list[int]) -> None:
-        self.dataset = dataset
-        self.indices = indices
-        self.collate_fn = getattr(dataset, "collate_fn", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.indices[index]]
-
-
-def _approximate_masking_reason(optimizer: torch.optim.Optimizer) -> str | None:
-    """Why gradient masking is not an exact soft freeze under ``optimizer`` (or ``None``)."""
-    if isinstance(optimizer, torch.optim.SGD):
-        for group in optimizer.param_groups:
-            if group.get("momentum", 0) > 0:
-                return f"uses momentum ({group['momentum']})"
-            if group.get("weight_decay", 0) > 0:
-                return f"uses weight decay ({group['weight_decay']})"
-        return None
-    return f"is {type(optimizer).__name__} (adaptive or stateful, not plain SGD)"

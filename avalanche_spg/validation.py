@@ -1,6 +1,7 @@
-"""Checks of what users hand :class:`~avalanche_spg.SPGPlugin`: its constructor arguments and a
-saved state. Each raises ``ValueError`` naming the argument or entry and the bad value, before
-anything of the plugin is set or replaced."""
+"""Checks of what users hand :class:`~avalanche_spg.SPGPlugin`: its constructor arguments, a
+saved state, the model a state meets and the optimizer. Each check raises ``ValueError`` naming
+the argument or entry and the bad value, before anything of the plugin is set or replaced; the
+optimizer only gets a reason for the plugin's warning."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from avalanche_spg.heads import check_head_selector
 
 if TYPE_CHECKING:
     from avalanche_spg.plugin import SPGPlugin
 
-__all__ = ["STATE_VERSION", "check_plugin_arguments", "checked_state"]
+__all__ = [
+    "STATE_VERSION",
+    "approximate_masking_reason",
+    "check_importance_names",
+    "check_plugin_arguments",
+    "checked_state",
+]
 
 #: Version of the plugin's ``state_dict()`` layout.
 STATE_VERSION = 1
@@ -97,6 +104,68 @@ def checked_state(state: Any) -> tuple[dict[str, Tensor], list[int], list[list[i
             f"{_shown(state['experiences_seen'])}"
         )
     return importance, seen_tasks, class_groups, experiences_seen
+
+
+def check_importance_names(
+    importance: Mapping[str, Tensor],
+    model: nn.Module,
+    features: Mapping[str, Tensor],
+    heads: Mapping[str, Tensor],
+    *,
+    head_selection: object,
+    class_incremental: bool,
+) -> list[str]:
+    """Check that ``importance`` (the plugin's ``A``) names parameters ``model`` splits into
+    ``features`` and ``heads`` as SPG needs them; return the names of importance entries that
+    are neither (frozen parameters: kept, but they mask nothing).
+
+    ``model`` is the unwrapped model; ``head_selection`` the plugin's ``heads`` argument, for the
+    messages.
+
+    :raises ValueError: when no feature parameter is left to protect (except with
+        ``class_incremental``, whose classifier rows get importance), when the importance names
+        a parameter the model does not have, or when it covers heads (Section 3.2: heads get
+        the scalar rule, never importance) outside ``class_incremental``.
+    """
+    if not features and not class_incremental:
+        raise ValueError(
+            "SPGPlugin: the model has no trainable feature parameter (the head selection "
+            f"heads={head_selection!r} takes every trainable parameter), so SPG would protect "
+            "nothing. Select only the task heads as heads."
+        )
+    # Importance of a parameter the model does not have at all was measured on another
+    # model (or under other names): it would protect nothing here, silently.
+    names = {name for name, _ in model.named_parameters()}
+    absent = sorted(set(importance) - names)
+    if absent:
+        raise ValueError(
+            f"SPGPlugin: the importance names {len(absent)} parameters the model does not "
+            f"have (e.g. {absent[:5]}; the model's are e.g. {sorted(names)[:5]}), so SPG "
+            "would not protect them. Load the plugin's state with the model it was saved "
+            "with."
+        )
+    # Importance on heads would only skew the head scale.
+    on_heads = sorted(set(importance) & set(heads))
+    if on_heads and not class_incremental:
+        raise ValueError(
+            f"SPGPlugin: the importance covers parameters that are heads here ({on_heads[:5]}"
+            f"; heads={head_selection!r}); heads get no importance, only the head rule. The "
+            "state was saved with class_incremental=True or another head selection."
+        )
+    return sorted(set(importance) - set(features) - set(heads))
+
+
+def approximate_masking_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why masking gradients is not an exact soft freeze under ``optimizer`` (``None``: it is,
+    plain SGD without momentum or weight decay, as in the paper, Section 3.2)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            if group.get("momentum", 0) > 0:
+                return f"uses momentum ({group['momentum']})"
+            if group.get("weight_decay", 0) > 0:
+                return f"uses weight decay ({group['weight_decay']})"
+        return None
+    return f"is {type(optimizer).__name__} (adaptive or stateful, not plain SGD)"
 
 
 def _checked_importance(entries: Any) -> dict[str, Tensor]:
