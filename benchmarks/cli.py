@@ -339,6 +339,13 @@ def build_compare_parser() -> argparse.ArgumentParser:
         help="also write the table to FILE (Markdown, with the command and links to each "
         "directory's table.md)",
     )
+    parser.add_argument(
+        "--rows",
+        action="store_true",
+        help="one row per (directory, method) with the settings that tell the directories "
+        "apart (hyperparameter overrides, optimizer, ...), ACC, BWT, the epochs per task and "
+        "SPG's final mean importance and head scale: the layout of an ablation table",
+    )
     return parser
 
 
@@ -403,10 +410,10 @@ def _check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _compare(argv: list[str]) -> int:
     """``python -m benchmarks compare RUN_DIR... [--out FILE]``."""
     args = build_compare_parser().parse_args(argv[1:])
-    from benchmarks.report import compare_table, write_compare_page
+    from benchmarks.report import compare_rows, compare_table, write_compare_page
 
     try:
-        table = compare_table(args.run_dirs)
+        table = compare_rows(args.run_dirs) if args.rows else compare_table(args.run_dirs)
     except FileNotFoundError as err:
         print(f"error: {err} (run 'python -m benchmarks report' on it first?)", file=sys.stderr)
         return 2

@@ -476,6 +476,61 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
     return "\n".join(table(header, body)) + "\n"
 
 
+def _variant(settings: dict[str, Any]) -> str:
+    """What sets a directory apart from the protocol's defaults, in words."""
+    parts = []
+    for method, values in sorted(settings.get("hparam_overrides", {}).items()):
+        parts += [f"{method}.{name}={value}" for name, value in sorted(values.items())]
+    if settings.get("optimizer"):
+        parts.append(f"optimizer {settings['optimizer']} (lr {settings.get('lr')})")
+    if settings.get("task_norm_stats"):
+        parts.append("per-task normalisation statistics")
+    return ", ".join(parts) or "defaults"
+
+
+def compare_rows(run_dirs: Sequence[Path]) -> str:
+    """One Markdown row per (run directory, method): benchmark, variant (the settings that
+    differ from the defaults), seeds, ACC, BWT (mean ± std, %), the mean number of epochs per
+    task, and SPG's mean importance and head scale after the last task (means over seeds)."""
+    body = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        config = read_json(run_dir / "config.json")
+        settings = config.get("settings", {})
+        summary = read_json(run_dir / "summary.json")["methods"]
+        rows = {row["method"]: row for row in _read_summary_csv(run_dir / "summary.csv")}
+        for method, row in rows.items():
+            entry = summary.get(method, {})
+            epochs = entry.get("epochs_per_task_mean")
+            importance = entry.get("importance_mean_per_task")
+            scale = entry.get("head_scale_per_task")
+            body.append(
+                (
+                    f"{config.get('benchmark')} ({config.get('protocol')})",
+                    method,
+                    _variant(settings),
+                    row["n_runs"],
+                    _cell(row, "acc", 100, 1),
+                    _cell(row, "bwt", 100, 1),
+                    f"{statistics.fmean(epochs):.0f}" if epochs else "—",
+                    f"{importance[-1]:.3f}" if importance else "—",
+                    f"{scale[-1]:.3f}" if scale else "—",
+                )
+            )
+    header = (
+        "benchmark",
+        "method",
+        "variant",
+        "seeds",
+        "ACC (%)",
+        "BWT (%)",
+        "epochs/task",
+        "final mean A",
+        "final head scale",
+    )
+    return "\n".join(table(header, body)) + "\n"
+
+
 def write_compare_page(path: Path, table: str, run_dirs: Sequence[Path], command: str) -> None:
     """Write ``table`` (from :func:`compare_table`) to ``path`` as a Markdown page: the
     ``command`` that made it, then the table, then a link to each run directory's ``table.md``

@@ -119,3 +119,23 @@ def test_per_task_series_are_seed_means_and_get_their_plots(tmp_path: Path) -> N
     for name in ("epochs_per_task.png", "spg_capacity.png"):
         assert (run_dir / "plots" / name).stat().st_size > 1000
         assert f"(plots/{name})" in text
+
+
+def test_compare_rows_names_each_directorys_variant(tmp_path: Path) -> None:
+    from benchmarks.report import compare_rows
+
+    plain = _run_dir(tmp_path / "plain")
+    variant = _run_dir(tmp_path / "variant")
+    config = json.loads((variant / "config.json").read_text())
+    config["settings"].update(
+        hparam_overrides={"spg": {"head_rule": "none"}}, optimizer="adam", lr=0.001
+    )
+    (variant / "config.json").write_text(json.dumps(config))
+    for run_dir in (plain, variant):
+        write_report(run_dir, plots=False)
+    lines = compare_rows([plain, variant]).splitlines()
+    assert len(lines) == 4  # header, rule, one row per directory
+    assert "| toy (quick) | naive | defaults | 2 |" in lines[2]
+    assert "spg.head_rule=none, optimizer adam (lr 0.001)" in lines[3]
+    # ACC 0.75 and 0.7 (mean 72.5, std 3.5); BWT -0.2 and 0.0 (mean -10.0, std 14.1)
+    assert "| 72.5 ± 3.5 | -10.0 ± 14.1 | — | — | — |" in lines[2]
