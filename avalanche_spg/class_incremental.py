@@ -50,10 +50,6 @@ from avalanche_spg.importance_pass import (
     GradReducer,
     ModelForward,
     ModelState,
-    _Batches,
-    _check_count,
-    _Pass,
-    _shared_batch_loop,
     avalanche_convention,
     check_pass_parameters,
     checked_positions,
@@ -62,6 +58,8 @@ from avalanche_spg.importance_pass import (
     preserved_model_state,
     reference_sample_weights,
 )
+from avalanche_spg.importance_pass._batches import _Batches, _check_count, _Pass
+from avalanche_spg.importance_pass._per_head import _shared_batch_loop
 
 __all__ = ["compute_gamma_class_incremental", "row_importance"]
 
