@@ -56,7 +56,7 @@ class MaskSet:
     :param feature_factors: ``1 - A`` for each of them (same shape, dtype and device).
     :param head_params: head parameters (they get the scalar rule).
     :param head_scale: ``1 - mean(A)``.
-    :param clip_head_norm: clip the head gradients to this total norm before scaling
+    :param clip_head_grad_norm: clip the head gradients to this total norm before scaling
         (``None``: no clipping).
     """
 
@@ -64,7 +64,7 @@ class MaskSet:
     feature_factors: list[Tensor]
     head_params: list[nn.Parameter]
     head_scale: float
-    clip_head_norm: float | None = 1e4
+    clip_head_grad_norm: float | None = 1e4
     _snapshots: list[Tensor] = field(default_factory=list, repr=False)
     # Per-experience scratch for head clipping: {(device, dtype): (norms, total, coef, max)}.
     _clip_buffers: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = field(
@@ -88,22 +88,19 @@ class MaskSet:
         if not grads:
             return
         factor = self.head_scale if scale else 1.0
-        if self.clip_head_norm is None:
+        if self.clip_head_grad_norm is None:
             if factor != 1.0:
                 torch._foreach_mul_(grads, factor)
             return
         first = grads[0]
         if any(g.device != first.device or g.dtype != first.dtype for g in grads):
             # Heads spread over devices or dtypes: the library routine groups them.
-            torch.nn.utils.clip_grad_norm_(self.head_params, self.clip_head_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self.head_params, self.clip_head_grad_norm, foreach=True)
             if factor != 1.0:
                 torch._foreach_mul_(grads, factor)
             return
-        norms, total, coef, max_norm = self._head_clip_buffers(first)
-        norms = norms[: len(grads)]
-        for index, grad in enumerate(grads):
-            torch.linalg.vector_norm(grad, out=norms[index])
-        torch.linalg.vector_norm(norms, out=total)
+        coef, max_norm = self._head_clip_buffers(first)
+        total = _total_norm(grads)
         total.add_(1e-6)
         torch.div(max_norm, total, out=coef)
         coef.clamp_(max=1.0)
@@ -115,12 +112,12 @@ class MaskSet:
         key = (like.device, like.dtype)
         buffers = self._clip_buffers.get(key)
         if buffers is None:
-            assert self.clip_head_norm is not None
-            norms = torch.empty(len(self.head_params), dtype=like.dtype, device=like.device)
-            total = torch.empty((), dtype=like.dtype, device=like.device)
+            assert self.clip_head_grad_norm is not None
             coef = torch.empty((), dtype=like.dtype, device=like.device)
-            max_norm = torch.full((), self.clip_head_norm, dtype=like.dtype, device=like.device)
-            buffers = self._clip_buffers[key] = (norms, total, coef, max_norm)
+            max_norm = torch.full(
+                (), self.clip_head_grad_norm, dtype=like.dtype, device=like.device
+            )
+            buffers = self._clip_buffers[key] = (coef, max_norm)
         return buffers
 
     # --- update masking -----------------------------------------------------------------------
@@ -205,7 +202,7 @@ def build_mask_set(
     feature_params: Mapping[str, nn.Parameter],
     head_params: Mapping[str, nn.Parameter],
     head_scale: float,
-    clip_head_norm: float | None,
+    clip_head_grad_norm: float | None,
 ) -> MaskSet:
     """The masks of one experience from importance aligned by :func:`align_importance`.
 
@@ -225,7 +222,7 @@ def build_mask_set(
         feature_factors=factors,
         head_params=list(head_params.values()),
         head_scale=head_scale,
-        clip_head_norm=clip_head_norm,
+        clip_head_grad_norm=clip_head_grad_norm,
     )
 
 
@@ -240,7 +237,7 @@ def build_masks(
     head_params: Mapping[str, nn.Parameter],
     *,
     head_rule: HeadRule,
-    clip_head_norm: float | None,
+    clip_head_grad_norm: float | None,
     rows_as_features: bool = False,
 ) -> tuple[MaskSet | None, dict[str, Tensor], float]:
     """The masks of one experience, with the importance they were built from and the head scale.
@@ -257,14 +254,14 @@ def build_masks(
         :func:`align_importance`).
     """
     if not importance:
-        if clip_head_norm is None or rows_as_features or not head_params:
+        if clip_head_grad_norm is None or rows_as_features or not head_params:
             return None, {}, 1.0
-        return MaskSet([], [], list(head_params.values()), 1.0, clip_head_norm), {}, 1.0
+        return MaskSet([], [], list(head_params.values()), 1.0, clip_head_grad_norm), {}, 1.0
     if rows_as_features:
         feature_params, head_params = {**feature_params, **head_params}, {}
     aligned = align_importance(importance, feature_params)
     scale = rule_head_scale(aligned, head_rule)
-    masks = build_mask_set(aligned, feature_params, head_params, scale, clip_head_norm)
+    masks = build_mask_set(aligned, feature_params, head_params, scale, clip_head_grad_norm)
     return masks, aligned, scale
 
 
@@ -312,3 +309,15 @@ class StepGuard:
                 "EWC, ...)."
             )
         self._allowed = False
+
+
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all of ``grads`` together, as a 0-dim tensor on their device (no host sync).
+
+    torch's fused ``get_total_norm`` (torch 2.6 and newer: one ``_foreach_norm`` call), else the
+    same computation written out for older releases.
+    """
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, norm_type=2.0, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

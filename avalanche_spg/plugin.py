@@ -367,7 +367,7 @@ class SPGPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             features,
             heads,
             head_rule=self.head_rule,
-            clip_head_norm=self.clip_head_grad_norm,
+            clip_head_grad_norm=self.clip_head_grad_norm,
             rows_as_features=self.class_incremental,
         )
         return masks

@@ -256,7 +256,7 @@ def test_build_masks_returns_the_aligned_importance_and_leaves_its_input_alone()
     given = {"w": torch.tensor([[0.5, 0.25], [0.0, 1.0]])}
     kept = given["w"].clone()
     masks, aligned, scale = build_masks(
-        given, {"w": weight}, {"h": head}, head_rule="mean", clip_head_norm=None
+        given, {"w": weight}, {"h": head}, head_rule="mean", clip_head_grad_norm=None
     )
     assert given.keys() == {"w"} and torch.equal(given["w"], kept)
     assert torch.equal(aligned["w"], torch.tensor([[0.5, 0.25], [0.0, 1.0], [0.0, 0.0]]))
@@ -270,5 +270,5 @@ def test_build_masks_returns_the_aligned_importance_and_leaves_its_input_alone()
             {"w": nn.Parameter(torch.ones(2, 2))},
             {},
             head_rule="mean",
-            clip_head_norm=None,
+            clip_head_grad_norm=None,
         )
