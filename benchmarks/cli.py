@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="network: auto (the protocol's choice, see below), mlp (two hidden layers: 256-256; "
         "64-64 on the digits under quick), alexnet (the paper's AlexNet-like CNN; images of at "
-        "least 10x10), resnet (Avalanche's MTSlimResNet18, a BatchNorm ResNet; task scenario only)",
+        "least 12x12), resnet (Avalanche's MTSlimResNet18, a BatchNorm ResNet; task scenario only)",
     )
     what.add_argument(
         "--task-norm-stats",

@@ -117,12 +117,12 @@ def resolve_backbone(backbone: str, protocol: str, input_shape: Sequence[int]) -
         raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
     channels, height = int(input_shape[0]), int(input_shape[1])
     if backbone == "auto":
-        if height < 10 or (protocol == "quick" and channels == 1):
+        if height < 12 or (protocol == "quick" and channels == 1):
             return "mlp"
         return "alexnet"
-    if backbone == "alexnet" and height < 10:
+    if backbone == "alexnet" and height < 12:
         raise ValueError(
-            f"the AlexNet-like backbone needs images of at least 10x10; this benchmark's are "
+            f"the AlexNet-like backbone needs images of at least 12x12; this benchmark's are "
             f"{height}x{height}: use --backbone mlp"
         )
     return backbone

@@ -64,7 +64,7 @@ def test_unknown_method_lists_the_valid_ones(capsys: pytest.CaptureFixture[str])
         (["--hparam", "foo.x=1"], "unknown method 'foo'"),
         (["--hparam", "ewc_lambda=3"], "METHOD.NAME=VALUE"),
         (["--backbone", "vgg"], "invalid choice"),
-        (["--backbone", "alexnet"], "needs images of at least 10x10"),
+        (["--backbone", "alexnet"], "needs images of at least 12x12"),
         (["--scenario", "class", "--backbone", "resnet"], "task scenario"),
         (["--scenario", "class", "--task-norm-stats"], "task labels at test time"),
         (["--optimizer", "adam"], "--optimizer adam needs an explicit --lr"),
