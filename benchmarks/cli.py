@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks._args import fraction, name_list, positive_float, positive_int
 from benchmarks.catalog import BENCHMARKS, default_data_root, describe_benchmarks
-from benchmarks.methods import describe_methods, method_hparams
-from benchmarks.methods import parse_methods as _parse_methods
+from benchmarks.methods import METHODS, describe_methods, method_hparams
 from benchmarks.protocols import BACKBONES, PROTOCOLS, backbone_description
 from benchmarks.rundir import resolve_settings, settings_hash
 
@@ -107,23 +107,6 @@ def _benchmark_name(text: str) -> str:
     return name
 
 
-def _methods(text: str) -> list[str]:
-    try:
-        return _parse_methods(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -131,23 +114,6 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
     return value
 
 
@@ -169,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--methods",
-        type=_methods,
+        type=name_list(METHODS, "method"),
         default="all",
         metavar="LIST",
         help="comma-separated methods, or 'all'; see the list below",
@@ -223,13 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training (defaults come from --protocol)")
     train.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         help="epochs per task (quick: exactly this many, default 5, 10 on digits; paper: the "
         "maximum, default 500)",
     )
     train.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         help="learning rate (quick 0.1, paper 0.25; give one for adam)",
     )
     train.add_argument(
@@ -241,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stays 1e-3, so Adam at --lr 0.001 trains with early stopping alone",
     )
     train.add_argument(
-        "--batch-size", type=_positive_int, help="training minibatch (64; quick on digits: 32)"
+        "--batch-size", type=positive_int, help="training minibatch (64; quick on digits: 32)"
     )
-    train.add_argument("--eval-batch-size", type=_positive_int, help="evaluation minibatch (1024)")
+    train.add_argument("--eval-batch-size", type=positive_int, help="evaluation minibatch (1024)")
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data-root",
@@ -254,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--max-train-per-task",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="keep at most N training samples per task (random, seeded; equal per class on "
         "split streams; each permuted task draws its own subset). Test sets are not cut (see "
@@ -262,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--max-test-per-task",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="evaluate on at most N test samples per task (random, seeded). Off by default; for "
         "CPU measurements of slow backbones, and written in the tables",
     )
     data.add_argument(
         "--train-fraction",
-        type=_fraction,
+        type=fraction,
         metavar="F",
         help="keep this fraction of every task's training samples (after --max-train-per-task)",
     )
@@ -289,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         help="torch CPU threads (default: 1 for the quick protocol on CPU, whose small models "
         "run fastest single-threaded, especially on a shared machine; else torch's default)",
     )

@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from benchmarks._args import parse_names
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -133,16 +135,7 @@ METHODS: dict[str, MethodSpec] = {
 
 def parse_methods(text: str) -> list[str]:
     """``"naive,spg"`` -> ``["naive", "spg"]``; ``"all"`` -> every method; clear error else."""
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if names == ["all"]:
-        return list(METHODS)
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown method(s) {', '.join(unknown) or repr(text)}; valid: "
-            f"{', '.join(METHODS)} (or 'all')"
-        )
-    return list(dict.fromkeys(names))
+    return parse_names(text, METHODS, "method")
 
 
 def parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:

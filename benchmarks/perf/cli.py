@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._args import add_clock_options, resolve_clock
 from benchmarks.perf.measure import collect
 from benchmarks.perf.report import render
 from benchmarks.perf.setup import (
@@ -36,17 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pass, memory held between experiences, importance_max_samples.",
     )
     parser.add_argument("--tiny", action="store_true", help="toy sizes, seconds (CI)")
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument(
-        "--clock",
-        choices=("auto", "wall", "cpu"),
-        default="auto",
-        help="wall time, or this process's CPU time (robust on a shared CPU with one thread); "
-        "auto: CPU time on CPU with one torch thread, else wall time",
-    )
+    add_clock_options(parser)
     parser.add_argument(
         "--parts",
         default="iteration,importance,memory,subset",
@@ -89,9 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    clock = args.clock
-    if clock == "auto":
-        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    clock = resolve_clock(args.clock, device)
     use_clock(clock)
     profile = "tiny" if args.tiny else "full"
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
