@@ -39,26 +39,24 @@ single-process importance (up to rounding).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from avalanche_spg.importance import standardized_importance
 from avalanche_spg.importance_pass import (
     GradReducer,
     ModelForward,
-    ModelState,
     avalanche_convention,
     check_pass_parameters,
     checked_positions,
     enter_pass_mode,
-    loss_dtype,
     preserved_model_state,
-    reference_sample_weights,
 )
-from avalanche_spg.importance_pass._batches import _Batches, _check_count, _Pass
+from avalanche_spg.importance_pass._batches import _check_count, _Pass, _pass_batches
 from avalanche_spg.importance_pass._per_head import _shared_batch_loop
 
 __all__ = ["compute_gamma_class_incremental", "row_importance"]
@@ -78,6 +76,7 @@ def row_importance(grad: Tensor, rows: Sequence[int]) -> Tensor:
     return out
 
 
+@dataclass(eq=False)
 class _ClassGroups(_Pass):
     """The importance pass with class groups as heads: the current loss is the training loss
     (cross-entropy over the whole output, minibatch mean), an earlier group's loss the sum of
@@ -87,19 +86,8 @@ class _ClassGroups(_Pass):
     mean itself; on any other grouping of the samples (a shard of them) it is the same sum in
     per-sample form, each sample weighted by ``1 / len(its reference minibatch)``."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        forward: ModelForward,
-        state: ModelState,
-        batches: _Batches,
-        params: list[nn.Parameter],
-        groups: list[list[int]],
-        reference_batches: bool,
-    ) -> None:
-        super().__init__(model, forward, state, batches, params, [])
-        self.groups = groups
-        self.reference_batches = reference_batches
+    groups: list[list[int]]
+    reference_batches: bool
 
     def current_loss(self, x: Tensor, y: Tensor, t: Tensor, w: Tensor) -> Tensor:
         if not self.reference_batches:
@@ -160,17 +148,6 @@ def compute_gamma_class_incremental(
     current = sorted({int(c) for c in current_classes})
     groups = [sorted({int(c) for c in g} - set(current)) for g in previous_groups]
     groups = [g for g in groups if g]
-    everything = list(range(n_total))
-    loader = DataLoader(
-        Subset(dataset, positions),
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=getattr(dataset, "collate_fn", None),
-        num_workers=num_workers,
-    )
-    weights = reference_sample_weights(
-        positions, batch_size, n_total, dtype=loss_dtype(torch.device(device))
-    )
     feature_names = list(feature_params)
     row_names = list(row_params)
     all_params = [feature_params[n] for n in feature_names] + [row_params[n] for n in row_names]
@@ -186,10 +163,21 @@ def compute_gamma_class_incremental(
 
     with preserved_model_state(model) as state, torch.enable_grad():
         enter_pass_mode(model)
-        batches = _Batches(loader, weights, torch.device(device), 0)
+        batches = _pass_batches(
+            dataset,
+            positions,
+            n_total,
+            batch_size=batch_size,
+            reference_batch_size=batch_size,
+            device=torch.device(device),
+            default_task=0,
+            num_workers=num_workers,
+        )
         # All positions in order: the loader's minibatches are the reference minibatches.
-        reference_batches = positions == everything
-        run = _ClassGroups(model, forward, state, batches, all_params, groups, reference_batches)
+        reference_batches = positions == list(range(n_total))
+        run = _ClassGroups(
+            model, forward, state, batches, all_params, [], groups, reference_batches
+        )
         for group in [None, *range(len(groups))]:  # None: the current loss
             sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
             model.zero_grad(set_to_none=True)

@@ -96,7 +96,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from avalanche_spg.heads import missing_task_heads
 from avalanche_spg.importance import standardized_importance
@@ -104,9 +104,9 @@ from avalanche_spg.importance_pass._batches import (
     GradReducer,
     ImportanceMethod,
     ModelForward,
-    _Batches,
     _check_count,
     _Pass,
+    _pass_batches,
     _sum_dtype,
     avalanche_convention,
     check_pass_parameters,
@@ -257,17 +257,16 @@ def compute_gamma(
             batch_size = reference_batch_size
         else:
             batch_size = pass_batch_size or default_pass_batch_size(reference_batch_size, device)
-        loader = DataLoader(
-            Subset(dataset, positions),
+        batches = _pass_batches(
+            dataset,
+            positions,
+            n_total,
             batch_size=batch_size,
-            shuffle=False,
-            collate_fn=getattr(dataset, "collate_fn", None),
+            reference_batch_size=reference_batch_size,
+            device=device,
+            default_task=default_task,
             num_workers=num_workers,
         )
-        weights = reference_sample_weights(
-            positions, reference_batch_size, n_total, dtype=loss_dtype(device)
-        )
-        batches = _Batches(loader, weights, device, default_task)
         run = _Pass(model, forward, state, batches, params, previous)
 
         def fold(head_sums: list[Tensor]) -> None:

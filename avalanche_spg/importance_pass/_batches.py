@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from avalanche_spg.importance import has_float64
 from avalanche_spg.importance_pass._model_state import ModelState
@@ -222,27 +223,46 @@ class _Batches:
             yield x, y, t, w, tasks
 
 
+def _pass_batches(
+    dataset: Dataset,
+    positions: list[int],
+    n_total: int,
+    *,
+    batch_size: int,
+    reference_batch_size: int,
+    device: torch.device,
+    default_task: int,
+    num_workers: int,
+) -> _Batches:
+    """The pass's minibatches of ``batch_size`` over ``dataset``'s ``positions`` (in order),
+    every sample weighted by its reference minibatch of ``reference_batch_size`` among the
+    ``n_total`` samples of the experience (:func:`reference_sample_weights`)."""
+    loader = DataLoader(
+        Subset(dataset, positions),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=getattr(dataset, "collate_fn", None),
+        num_workers=num_workers,
+    )
+    weights = reference_sample_weights(
+        positions, reference_batch_size, n_total, dtype=loss_dtype(device)
+    )
+    return _Batches(loader, weights, device, default_task)
+
+
+@dataclass(eq=False)
 class _Pass:
     """What every loop of the pass needs: the model call and the feature parameters."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        forward: ModelForward,
-        state: ModelState,
-        batches: _Batches,
-        params: list[nn.Parameter],
-        old_heads: list[int],
-    ) -> None:
-        self.model = model
-        self.old_heads = old_heads
-        self.forward = forward
-        self.state = state
-        self.batches = batches
-        self.params = params
-        #: Whether the fast pass has checked that all heads see the same features (once per
-        #: pass, for every old head, whatever the grouping of the heads).
-        self.probed = False
+    model: nn.Module
+    forward: ModelForward
+    state: ModelState
+    batches: _Batches
+    params: list[nn.Parameter]
+    old_heads: list[int]
+    #: Whether the fast pass has checked that all heads see the same features (once per
+    #: pass, for every old head, whatever the grouping of the heads).
+    probed: bool = field(default=False, init=False)
 
     def call(self, x: Tensor, task_labels: Tensor) -> Tensor:
         """The model's output, called by the convention, on the state of the snapshot."""
