@@ -20,14 +20,16 @@ returns.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from avalanche_spg.class_incremental import compute_gamma_class_incremental
 from avalanche_spg.importance_pass import (
+    GradReducer,
     ImportanceMethod,
+    ModelForward,
     avalanche_convention,
     compute_gamma,
     find_multihead_classifier,
@@ -76,11 +78,17 @@ def experience_gamma(
     # The model is called as Avalanche's training calls it (avalanche_forward).
     forward, task_aware = avalanche_convention(model)
     total = len(dataset)
-    indices: list[int] | None = None
-    reducer = None
     shard = distributed_shard(total)
-    if shard is not None:
-        indices, reducer = shard
+    indices, reducer = shard if shard is not None else (None, None)
+    # What both passes are given alike: where they run, on which samples, how the model is called.
+    common: _PassSettings = {
+        "device": device,
+        "num_workers": num_workers,
+        "forward": forward,
+        "indices": indices,
+        "total_samples": total,
+        "grad_reducer": reducer,
+    }
     if class_incremental:
         return compute_gamma_class_incremental(
             model,
@@ -89,13 +97,8 @@ def experience_gamma(
             heads,
             experience.classes_in_this_experience,
             class_groups if previous_heads else [],
-            device=device,
             batch_size=reference_batch,
-            num_workers=num_workers,
-            forward=forward,
-            indices=indices,
-            total_samples=total,
-            grad_reducer=reducer,
+            **common,
         )
     return compute_gamma(
         model,
@@ -104,17 +107,23 @@ def experience_gamma(
         current,
         # A model without task heads has no older heads to protect.
         seen_tasks if previous_heads and task_aware else [],
-        device=device,
         reference_batch_size=reference_batch,
         method=method,
         pass_batch_size=pass_batch_size,
-        indices=indices,
-        total_samples=total,
-        grad_reducer=reducer,
-        num_workers=num_workers,
-        forward=forward,
         classifier=find_multihead_classifier(model),
+        **common,
     )
+
+
+class _PassSettings(TypedDict):
+    """The keyword arguments that :func:`experience_gamma` gives both importance passes."""
+
+    device: torch.device | str
+    num_workers: int
+    forward: ModelForward
+    indices: list[int] | None
+    total_samples: int
+    grad_reducer: GradReducer | None
 
 
 def sampled_dataset(dataset: Any, max_samples: int | None, seed: int) -> Any:
