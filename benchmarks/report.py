@@ -489,7 +489,7 @@ def _variant(settings: dict[str, Any]) -> str:
 
 
 def compare_rows(run_dirs: Sequence[Path]) -> str:
-    """One Markdown row per (run directory, method): benchmark, variant (the settings that
+    """One Markdown row per (run directory, method): benchmark, backbone, variant (the settings that
     differ from the defaults), seeds, ACC, BWT (mean ± std, %), the mean number of epochs per
     task, and SPG's mean importance and head scale after the last task (means over seeds)."""
     body = []
@@ -507,6 +507,7 @@ def compare_rows(run_dirs: Sequence[Path]) -> str:
             body.append(
                 (
                     f"{config.get('benchmark')} ({config.get('protocol')})",
+                    settings.get("backbone", "?"),
                     method,
                     _variant(settings),
                     row["n_runs"],
@@ -519,6 +520,7 @@ def compare_rows(run_dirs: Sequence[Path]) -> str:
             )
     header = (
         "benchmark",
+        "backbone",
         "method",
         "variant",
         "seeds",

@@ -135,7 +135,7 @@ def test_compare_rows_names_each_directorys_variant(tmp_path: Path) -> None:
         write_report(run_dir, plots=False)
     lines = compare_rows([plain, variant]).splitlines()
     assert len(lines) == 4  # header, rule, one row per directory
-    assert "| toy (quick) | naive | defaults | 2 |" in lines[2]
+    assert "| toy (quick) | ? | naive | defaults | 2 |" in lines[2]
     assert "spg.head_rule=none, optimizer adam (lr 0.001)" in lines[3]
     # ACC 0.75 and 0.7 (mean 72.5, std 3.5); BWT -0.2 and 0.0 (mean -10.0, std 14.1)
     assert "| 72.5 ± 3.5 | -10.0 ± 14.1 | — | — | — |" in lines[2]
