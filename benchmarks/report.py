@@ -483,6 +483,10 @@ def _variant(settings: dict[str, Any]) -> str:
         parts += [f"{method}.{name}={value}" for name, value in sorted(values.items())]
     if settings.get("optimizer"):
         parts.append(f"optimizer {settings['optimizer']} (lr {settings.get('lr')})")
+    if settings.get("max_train_per_task"):
+        parts.append(f"≤{settings['max_train_per_task']} train/task")
+    if settings.get("max_test_per_task"):
+        parts.append(f"≤{settings['max_test_per_task']} test/task")
     if settings.get("task_norm_stats"):
         parts.append("per-task normalisation statistics")
     return ", ".join(parts) or "defaults"
