@@ -71,7 +71,7 @@ def standardized_importance(grad: Tensor | None, like: Tensor | None = None) -> 
     g = grad.detach().float()
     z = (g - g.mean()) / g.std()
     # tanh(z) rounds to exactly 1.0 in float32 for |z| > ~9; keep A strictly below 1 so that
-    # 1 - A never becomes exactly 0 by rounding alone (the spec's A lies in [0, 1)).
+    # 1 - A never becomes exactly 0 by rounding alone (A lies in [0, 1), ``docs/algorithm.md`` §4).
     below_one = torch.nextafter(
         torch.ones((), dtype=torch.float32, device=g.device),
         torch.zeros((), dtype=torch.float32, device=g.device),

@@ -1,4 +1,4 @@
-"""Pause and resume (issue 2, item 4): ``avalanche_spg.checkpoint`` makes Avalanche's checkpoints
+"""Pause and resume: ``avalanche_spg.checkpoint`` makes Avalanche's checkpoints
 work with current torch and dill, and a run interrupted after experience 2 of 4 and resumed in a
 new process is identical to an uninterrupted run."""
 

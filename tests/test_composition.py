@@ -121,7 +121,8 @@ def test_spg_composes_with_avalanche_plugins(digits_til_small: Any, name: str) -
 
 def test_replay_importance_uses_only_the_experience_own_data(digits_til_small: Any) -> None:
     """With a replay buffer the training loader mixes old samples in; the importance pass must
-    still run over the current experience's training set only (spec §1)."""
+    still run over the current experience's training set only (paper Section 3.1;
+    ``docs/algorithm.md`` §1)."""
     model = make_mlp(hidden=(16,))
     plugin = SPGPlugin()
     strategy = make_naive(model, [ReplayPlugin(mem_size=60), plugin])

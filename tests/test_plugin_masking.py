@@ -1,4 +1,5 @@
-"""Soft-masking in ``SPGPlugin.before_update`` (spec §2): exact masked gradients, nothing masked
+"""Soft-masking in ``SPGPlugin.before_update`` (paper Section 3.2, Eq. 4-5; ``docs/algorithm.md``
+§2): exact masked gradients, nothing masked
 on the first experience, factors fixed per experience, head-gradient clipping, and the effect on
 plain SGD (importance 1 freezes a parameter, importance 0 is Naive)."""
 
@@ -106,7 +107,8 @@ def test_importance_and_head_scale_are_fixed_within_an_experience(digits_til_sma
 
 
 def test_the_training_loss_has_no_old_head_term(digits_til_small: Any) -> None:
-    """The old heads' logit sum belongs to the importance pass only (blog bug 7)."""
+    """The old heads' logit sum belongs to the importance pass only (paper Section 3.1), never to
+    the training loss."""
     mismatches: list[float] = []
 
     def check(strategy: Any) -> None:

@@ -1,6 +1,7 @@
-"""Update masking (``SPGPlugin(mask="update")``) and ``reset_optimizer_state`` (issue 5, part 1).
+"""Update masking (``SPGPlugin(mask="update")``) and ``reset_optimizer_state``.
 
-Spec ``spg-algorithm.md`` §3: masking the gradient is an exact soft freeze only under plain SGD.
+``docs/algorithm.md`` §3 (paper Section 3.2): masking the gradient is an exact soft freeze only
+under plain SGD.
 Update masking scales the parameter change of each optimizer step instead,
 ``theta <- theta_before + (1 - A) * (theta_after - theta_before)``, so a parameter with importance
 1 stays put under any optimizer, and a parameter with importance 0 gets the optimizer's update
