@@ -308,12 +308,7 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean accuracy on tasks seen so far (%)")
     ax.set_title(f"ACC after each task — {title}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = plots / "acc_after_each_task.png"
-    fig.savefig(path)
-    written.append(path)
+    written.append(_save_line_plot(fig, ax, plots / "acc_after_each_task.png", legend_columns=2))
 
     written += _per_task_plots(plots, methods, title, new_figure)
 
@@ -353,6 +348,16 @@ def _plot(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     return written
 
 
+def _save_line_plot(fig: Any, ax: Any, path: Path, legend_columns: int) -> Path:
+    """The common finish of the suite's line plots: grid, legend, tight layout, written to
+    ``path`` (returned)."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def _per_task_plots(
     plots: Path, methods: dict[str, Any], title: str, new_figure: Any
 ) -> list[Path]:
@@ -376,12 +381,7 @@ def _per_task_plots(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("epochs until early stopping")
         ax.set_title(f"Epochs per task — {title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = plots / "epochs_per_task.png"
-        fig.savefig(path)
-        written.append(path)
+        written.append(_save_line_plot(fig, ax, plots / "epochs_per_task.png", legend_columns=2))
     spg = {m: e for m, e in methods.items() if e.get("importance_mean_per_task")}
     if spg:
         fig, ax = new_figure((6.4, 4.0))
@@ -410,12 +410,7 @@ def _per_task_plots(
         ax.set_ylim(0, 1)
         ax.set_ylabel("mean importance A / head-gradient scale")
         ax.set_title(f"How full the network gets — {title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plots / "spg_capacity.png"
-        fig.savefig(path)
-        written.append(path)
+        written.append(_save_line_plot(fig, ax, plots / "spg_capacity.png", legend_columns=1))
     return written
 
 
