@@ -108,7 +108,9 @@ def _run_spec(
     from benchmarks.runner import RunSpec
 
     class_scenario = settings.get("scenario") == "class"
-    hparams = method_hparams(method, args.benchmark, settings["hparam_overrides"])
+    hparams = method_hparams(
+        method, args.benchmark, settings["hparam_overrides"], protocol=settings["protocol"]
+    )
     if class_scenario and method.startswith("spg"):
         hparams["class_incremental"] = True
     return RunSpec(

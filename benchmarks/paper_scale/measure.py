@@ -119,7 +119,8 @@ def _build(
         first_plugins=[probes.start, schedule, probes.after_schedule],
         last_plugins=[TensorDataPlugin(train, test), probes.end],
     )
-    strategy = build_strategy(method, ctx, method_hparams(method, benchmark))
+    hparams = method_hparams(method, benchmark, protocol=protocol.name)
+    strategy = build_strategy(method, ctx, hparams)
     plugins = strategy.plugins
     spg = next((i for i, p in enumerate(plugins) if isinstance(p, SPGPlugin)), None)
     if spg is not None:

@@ -108,6 +108,24 @@ def test_hparam_overrides_reach_the_method() -> None:
     assert method_hparams("ewc", "perm-fmnist") == {"ewc_lambda": 100.0}
 
 
+def test_paper_protocol_uses_its_own_strengths_and_overrides_still_win() -> None:
+    assert method_hparams("si", "split-fmnist", protocol="paper") == {
+        "si_lambda": 1000.0,
+        "eps": 0.001,
+    }
+    assert method_hparams("mas", "split-fmnist", protocol="paper")["lambda_reg"] == 0.1
+    # The quick protocol keeps its strengths; a stream without a paper entry keeps the quick ones.
+    assert method_hparams("si", "split-fmnist")["si_lambda"] == 100.0
+    assert method_hparams("si", "split-mnist", protocol="paper")["si_lambda"] == 100.0
+    overrides = parse_hparams(["mas.lambda_reg=3"])
+    assert method_hparams("mas", "split-fmnist", overrides, protocol="paper")["lambda_reg"] == 3
+    # Methods without a regularisation strength are untouched.
+    assert method_hparams("lwf", "split-fmnist", protocol="paper") == {
+        "alpha": 1.0,
+        "temperature": 2.0,
+    }
+
+
 def test_settings_change_the_default_run_directory() -> None:
     parser = build_parser()
     base = resolve_settings(parser.parse_args([]))
