@@ -182,12 +182,13 @@ def test_backbone_is_a_setting_and_auto_keeps_the_committed_settings() -> None:
     assert per_task["task_norm_stats"] is True and settings_hash(per_task) != settings_hash(paper)
     # Every committed run directory is reproduced by its own command, unchanged (auto backbone).
     root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-    configs = sorted(root.glob("*/config.json"))
+    configs = sorted([*root.glob("*/config.json"), *root.glob("calibration/*/config.json")])
     assert configs
     for path in configs:
         config = json.loads(path.read_text())
-        argv = shlex.split(config["commands"][0])[3:]  # after "python -m benchmarks"
-        assert resolve_settings(parser.parse_args(argv)) == config["settings"], path
+        for command in config["commands"]:
+            argv = shlex.split(command)[3:]  # after "python -m benchmarks"
+            assert resolve_settings(parser.parse_args(argv)) == config["settings"], (path, command)
 
 
 @pytest.mark.parametrize(
