@@ -15,7 +15,10 @@ writes:
   heatmap per method, mean over seeds), unless plotting is off or matplotlib is missing.
 
 Accuracies are fractions in the files and percentages in the table; standard deviations are
-sample standard deviations over seeds (``ddof=1``).
+sample standard deviations over seeds (``ddof=1``). A run that *diverged* (:func:`diverged`: it
+ended with non-finite parameters) stays in the mean, and its table cell says so, e.g.
+``50.0 ± 0.0 (1 of 1 diverged)``: a method at chance because it blew up is not the same result as
+a method that learned nothing.
 
 ``python -m benchmarks compare RUN_DIR... [--out FILE]`` puts the ACC and BWT of several run
 directories side by side (:func:`compare_table`; the page with its command and links:
@@ -38,6 +41,7 @@ from benchmarks.metrics import mean_std
 
 __all__ = [
     "collect_results",
+    "diverged",
     "summarize",
     "write_report",
     "markdown_table",
@@ -64,6 +68,19 @@ def collect_results(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: (r["method"], int(r["seed"])))
 
 
+def diverged(result: dict[str, Any]) -> bool:
+    """Whether a run ended with non-finite parameters (its loss became NaN or infinite and no
+    finite state was restored). From ``non_finite_parameters``, which the runner records; for
+    runs written before that field, from the paper protocol's schedule (a task whose validation
+    loss was never finite, so that its best weights were never restored)."""
+    if "non_finite_parameters" in result:
+        return bool(result["non_finite_parameters"])
+    return any(
+        not math.isfinite(float(task.get("best_valid_loss", 0.0)))
+        for task in result.get("schedule") or []
+    )
+
+
 def _method_order(config: dict[str, Any], methods: Sequence[str]) -> list[str]:
     preferred = [m for m in config.get("methods", []) if m in methods]
     return preferred + sorted(m for m in methods if m not in preferred)
@@ -77,7 +94,11 @@ def summarize(results: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
     methods: dict[str, Any] = {}
     for method in _method_order(config, list(by_method)):
         runs = by_method[method]
-        entry: dict[str, Any] = {"seeds": [int(r["seed"]) for r in runs], "n_runs": len(runs)}
+        entry: dict[str, Any] = {
+            "seeds": [int(r["seed"]) for r in runs],
+            "n_runs": len(runs),
+            "n_diverged": sum(diverged(r) for r in runs),
+        }
         for metric in _METRICS:
             mean, std = mean_std(r.get(metric) for r in runs)
             entry[metric] = {"mean": mean, "std": std}
@@ -144,6 +165,9 @@ def _cell(row: dict[str, str], metric: str, scale: float, digits: int) -> str:
     text = f"{float(mean) * scale:.{digits}f}"
     if std != "":
         text += f" ± {float(std) * scale:.{digits}f}"
+    n_diverged = int(row.get("n_diverged") or 0)
+    if metric == "acc" and n_diverged:
+        text += f" ({n_diverged} of {row['n_runs']} diverged)"
     return text
 
 
@@ -186,7 +210,8 @@ def markdown_table(run_dir: Path) -> str:
         + ", ".join(details)
         + ". Mean ± std over seeds (sample std); accuracies in %. ACC: mean final accuracy "
         "over tasks; BWT: mean change of a task's accuracy from right after learning it to the "
-        "end; forgetting: mean drop from a task's best to its final accuracy. Times in seconds "
+        "end; forgetting: mean drop from a task's best to its final accuracy; (k of n diverged): "
+        "k runs ended with non-finite parameters (kept in the mean). Times in seconds "
         "per run (training includes the end-of-task passes such as SPG's importance)."
     )
     lines.append("")
@@ -249,12 +274,17 @@ def _write_csvs(run_dir: Path, results: list[dict[str, Any]], summary: dict[str,
             writer.writerow([blank(r.get(f)) for f in _CSV_FIELDS])
     with open(run_dir / "summary.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        header = ["method", "n_runs", "seeds"]
+        header = ["method", "n_runs", "seeds", "n_diverged"]
         for metric in _METRICS:
             header += [f"{metric}_mean", f"{metric}_std"]
         writer.writerow(header)
         for method, entry in summary["methods"].items():
-            line: list[Any] = [method, entry["n_runs"], " ".join(map(str, entry["seeds"]))]
+            line: list[Any] = [
+                method,
+                entry["n_runs"],
+                " ".join(map(str, entry["seeds"])),
+                entry["n_diverged"],
+            ]
             for metric in _METRICS:
                 line += [blank(entry[metric]["mean"]), blank(entry[metric]["std"])]
             writer.writerow(line)

@@ -389,6 +389,8 @@ def _result(
         "model": type(model).__name__,
         "backbone": backbone_description(spec.backbone, protocol.name, stream.input_shape),
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        # The run blew up (NaN or infinite weights at the end): the report flags it.
+        "non_finite_parameters": not all(bool(p.isfinite().all()) for p in model.parameters()),
         "device": str(spec.device),
         "environment": _environment(),
         "command": command,

@@ -172,3 +172,17 @@ def test_compare_puts_run_directories_side_by_side(
     assert printed.count(cell) == 2  # the same run directory, twice
     written = target.read_text()
     assert printed in written and "python -m benchmarks compare" in written
+
+
+def test_a_run_that_blows_up_is_recorded_and_flagged(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["--benchmark", "split-digits", "--methods", "naive", "--epochs", "1", "--no-plots"]
+    assert main([*base, "--lr", "1e12", "--quiet", "--out", str(out)]) == 0
+    result = json.loads((out / "runs" / "naive" / "seed0" / "result.json").read_text())
+    assert result["non_finite_parameters"] is True
+    assert "(1 of 1 diverged)" in (out / "table.md").read_text()
+    sane = tmp_path / "sane"
+    assert main([*base, "--quiet", "--out", str(sane)]) == 0
+    result = json.loads((sane / "runs" / "naive" / "seed0" / "result.json").read_text())
+    assert result["non_finite_parameters"] is False
+    assert "diverged)" not in (sane / "table.md").read_text().split("|---|")[1]

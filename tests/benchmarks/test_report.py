@@ -139,3 +139,34 @@ def test_compare_rows_names_each_directorys_variant(tmp_path: Path) -> None:
     assert "spg.head_rule=none, optimizer adam (lr 0.001)" in lines[3]
     # ACC 0.75 and 0.7 (mean 72.5, std 3.5); BWT -0.2 and 0.0 (mean -10.0, std 14.1)
     assert "| 72.5 ± 3.5 | -10.0 ± 14.1 | — | — | — |" in lines[2]
+
+
+def test_a_diverged_run_is_flagged_in_every_table(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path / "run")
+    seed1 = run_dir / "runs" / "naive" / "seed1" / "result.json"
+    result = json.loads(seed1.read_text())
+    result["non_finite_parameters"] = True
+    seed1.write_text(json.dumps(result))
+    write_report(run_dir, plots=False)
+    # The run stays in the mean (ACC of the two seeds: 0.75 and 0.7), and the cell says so.
+    assert "| naive | 2 | 72.50 ± 3.54 (1 of 2 diverged) |" in (run_dir / "table.md").read_text()
+    assert "72.5 ± 3.5 (1 of 2 diverged)" in compare_table([run_dir])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["methods"]["naive"]["n_diverged"] == 1
+    result["non_finite_parameters"] = False
+    seed1.write_text(json.dumps(result))
+    write_report(run_dir, plots=False)
+    assert "| naive | 2 | 72.50 ± 3.54 |" in (run_dir / "table.md").read_text()
+
+
+def test_runs_written_before_the_flag_are_judged_by_their_schedule() -> None:
+    from benchmarks.report import diverged
+
+    finite = {"epochs": 44, "best_epoch": 9, "best_valid_loss": 0.009}
+    never_finite = {"epochs": 35, "best_epoch": -1, "best_valid_loss": float("inf")}
+    assert diverged({"schedule": [finite, never_finite]})
+    assert not diverged({"schedule": [finite, finite]})
+    assert not diverged({})  # quick protocol, no record: not flagged
+    # JSON keeps inf as Infinity; the field written by the runner wins over the schedule.
+    assert diverged(json.loads(json.dumps({"schedule": [never_finite]})))
+    assert not diverged({"schedule": [never_finite], "non_finite_parameters": False})
