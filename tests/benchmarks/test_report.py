@@ -170,3 +170,16 @@ def test_runs_written_before_the_flag_are_judged_by_their_schedule() -> None:
     # JSON keeps inf as Infinity; the field written by the runner wins over the schedule.
     assert diverged(json.loads(json.dumps({"schedule": [never_finite]})))
     assert not diverged({"schedule": [never_finite], "non_finite_parameters": False})
+
+
+def test_compare_says_when_a_row_has_fewer_seeds_than_its_column(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path / "run")
+    folder = run_dir / "runs" / "spg" / "seed0"
+    folder.mkdir(parents=True)
+    seed0 = json.loads((run_dir / "runs" / "naive" / "seed0" / "result.json").read_text())
+    (folder / "result.json").write_text(json.dumps(dict(seed0, method="spg")))
+    write_report(run_dir, plots=False)
+    text = compare_table([run_dir])
+    assert "toy, 2 seeds, 1 ep.: ACC" in text
+    assert "| naive | 72.5 ± 3.5 |" in text  # both seeds: no note
+    assert "| spg | 75.0 ± 0.0 [1 seed] |" in text
