@@ -467,8 +467,7 @@ def write_report(run_dir: Path, plots: bool = True) -> str:
 def compare_table(run_dirs: Sequence[Path]) -> str:
     """One Markdown table of ACC and BWT (mean ± std, %) per method across run directories,
     read from their ``summary.csv`` and ``config.json`` (run ``report`` on them first)."""
-    columns: list[tuple[str, dict[str, dict[str, str]]]] = []
-    n_seeds: dict[str, int] = {}
+    columns: list[tuple[str, dict[str, dict[str, str]], int]] = []
     methods: list[str] = []
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
@@ -484,23 +483,22 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
             label += f", {settings['epochs']} ep."
         if settings.get("max_train_per_task"):
             label += f", ≤{settings['max_train_per_task']} train/task"
-        columns.append((label, rows))
-        n_seeds[label] = len(seeds)
+        columns.append((label, rows, len(seeds)))
         methods += [m for m in rows if m not in methods]
     header = ["method"]
-    for label, _ in columns:
+    for label, _, _ in columns:
         header += [f"{label}: ACC", "BWT"]
     body = []
     for method in methods:
         cells = [method]
-        for _, rows in columns:
+        for _, rows, n_seeds in columns:
             row = rows.get(method)
             if row is None:
                 cells += ["", ""]
             else:
                 acc = _cell(row, "acc", 100, 1)
                 n_runs = int(row["n_runs"])
-                if n_runs != n_seeds[label]:
+                if n_runs != n_seeds:
                     # The column's seed count is the union over methods: say when a row has fewer.
                     acc += f" [{n_runs} seed{'s' if n_runs != 1 else ''}]"
                 cells += [acc, _cell(row, "bwt", 100, 1)]

@@ -183,3 +183,12 @@ def test_compare_says_when_a_row_has_fewer_seeds_than_its_column(tmp_path: Path)
     assert "toy, 2 seeds, 1 ep.: ACC" in text
     assert "| naive | 72.5 ± 3.5 |" in text  # both seeds: no note
     assert "| spg | 75.0 ± 0.0 [1 seed] |" in text
+    # Each column is judged by its own seeds: a 1-seed column next to it marks nothing.
+    single = _run_dir(tmp_path / "single")
+    for path in (single / "runs" / "naive" / "seed1").iterdir():
+        path.unlink()
+    (single / "runs" / "naive" / "seed1").rmdir()
+    write_report(single, plots=False)
+    text = compare_table([single, run_dir])
+    assert "| naive | 75.0 ± 0.0 | -20.0 ± 0.0 | 72.5 ± 3.5 |" in text
+    assert "| spg |  |  | 75.0 ± 0.0 [1 seed] |" in text
