@@ -8,6 +8,7 @@ value on both sides (so a better value cannot hide beyond an end of the grid).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,8 +21,10 @@ CALIBRATION = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "
 _METHOD_OF = {"ewc_lambda": "ewc", "si_lambda": "si", "lambda_reg": "mas"}
 
 
+@functools.cache
 def _grid() -> dict[tuple[str, str], dict[float, float]]:
-    """``(benchmark, strength name) -> {strength: ACC}`` from every committed calibration run."""
+    """``(benchmark, strength name) -> {strength: ACC}`` from every committed calibration run
+    (read once for all the parametrized cases)."""
     grid: dict[tuple[str, str], dict[float, float]] = defaultdict(dict)
     for path in sorted(CALIBRATION.glob("*/runs/*/seed*/result.json")):
         result = json.loads(path.read_text())
