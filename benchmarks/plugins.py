@@ -24,6 +24,13 @@ class PlateauEarlyStopping(SupervisedPlugin, supports_distributed=True):  # type
     are restored — place this plugin before any plugin that reads the final weights there
     (``SPGPlugin``'s importance pass).
 
+    As in the reference training loop, the weights the experience starts from (new head
+    included) are the best so far until an epoch ends with a finite validation loss: an
+    experience whose loss is never finite (training blew up to NaN/inf in its first epoch)
+    ends with its starting weights, not with non-finite ones that would spoil every later
+    task. Its ``history`` entry keeps ``best_epoch`` -1 and ``best_valid_loss`` inf, which
+    the reports count as diverged.
+
     :param validation: per task label, ``(x, y)`` validation tensors.
     :param lr: the learning rate every experience starts from.
     :param factor: lr multiplier on a plateau (1/3 in the paper).
@@ -94,6 +101,9 @@ class PlateauEarlyStopping(SupervisedPlugin, supports_distributed=True):  # type
         """
         if self._scheduler is not None and self._scheduler.optimizer is strategy.optimizer:
             return
+        if self._epochs == 0 and self._best_state is None:
+            # The fallback "best": the weights this experience starts from (see the class doc).
+            self._best_state = copy.deepcopy(strategy.model.state_dict())
         optimizer = strategy.optimizer
         optimizer.state.clear()
         for group in optimizer.param_groups:

@@ -16,9 +16,9 @@ writes:
 
 Accuracies are fractions in the files and percentages in the table; standard deviations are
 sample standard deviations over seeds (``ddof=1``). A run that *diverged* (:func:`diverged`: it
-ended with non-finite parameters) stays in the mean, and its table cell says so, e.g.
-``50.0 ± 0.0 (1 of 1 diverged)``: a method at chance because it blew up is not the same result as
-a method that learned nothing.
+ended with non-finite parameters, or one of its tasks never reached a finite validation loss)
+stays in the mean, and its table cell says so, e.g. ``50.0 ± 0.0 (1 of 1 diverged)``: a method
+at chance because it blew up is not the same result as a method that learned nothing.
 
 ``python -m benchmarks compare RUN_DIR... [--out FILE]`` puts the ACC and BWT of several run
 directories side by side (:func:`compare_table`; the page with its command and links:
@@ -69,16 +69,15 @@ def collect_results(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def diverged(result: dict[str, Any]) -> bool:
-    """Whether a run ended with non-finite parameters (its loss became NaN or infinite and no
-    finite state was restored). From ``non_finite_parameters``, which the runner records; for
-    runs written before that field, from the paper protocol's schedule (a task whose validation
-    loss was never finite, so that its best weights were never restored)."""
-    if "non_finite_parameters" in result:
-        return bool(result["non_finite_parameters"])
-    return any(
+    """Whether a run's training blew up: it ended with non-finite parameters
+    (``non_finite_parameters``, recorded by the runner), or, under the paper protocol, some
+    task never reached a finite validation loss (its ``schedule`` entry; that task kept the
+    weights it started from, or, in runs older than that fallback, ended non-finite)."""
+    never_finite = any(
         not math.isfinite(float(task.get("best_valid_loss", 0.0)))
         for task in result.get("schedule") or []
     )
+    return bool(result.get("non_finite_parameters", False)) or never_finite
 
 
 def _method_order(config: dict[str, Any], methods: Sequence[str]) -> list[str]:
@@ -211,7 +210,8 @@ def markdown_table(run_dir: Path) -> str:
         + ". Mean ± std over seeds (sample std); accuracies in %. ACC: mean final accuracy "
         "over tasks; BWT: mean change of a task's accuracy from right after learning it to the "
         "end; forgetting: mean drop from a task's best to its final accuracy; (k of n diverged): "
-        "k runs ended with non-finite parameters (kept in the mean). Times in seconds "
+        "k runs blew up to non-finite values (parameters at the end, or a task whose "
+        "validation loss was never finite; kept in the mean). Times in seconds "
         "per run (training includes the end-of-task passes such as SPG's importance)."
     )
     lines.append("")

@@ -96,6 +96,42 @@ def test_plateau_decay_early_stop_and_best_weight_restore(
     assert plateau.history[0]["best_epoch"] == 2
 
 
+def test_a_task_whose_validation_loss_is_never_finite_keeps_its_starting_weights(
+    small_stream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reference loop starts every task with "best = the weights it starts from": a task
+    # that blows up in its first epoch must not hand non-finite weights to the next task.
+    plateau = PlateauEarlyStopping(_validation(small_stream), lr=0.25)
+    monkeypatch.setattr(plateau, "validation_loss", lambda strategy: float("nan"))
+
+    class StartRecorder(_Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.start_states: list[dict[str, torch.Tensor]] = []
+
+        def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            super().before_training_epoch(strategy)
+            if len(self.lrs) == 1:
+                self.start_states.append(copy.deepcopy(strategy.model.state_dict()))
+
+        def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            with torch.no_grad():  # the blow-up: every weight becomes NaN
+                for p in strategy.model.parameters():
+                    p.fill_(float("nan"))
+
+    recorder = StartRecorder()
+    strategy = _strategy(small_stream, [plateau, recorder], epochs=100)
+    strategy.train(make_benchmark(small_stream).train_stream[0])
+
+    start, final = recorder.start_states[0], recorder.final_states[0]
+    names = [name for name, _ in strategy.model.named_parameters()]
+    assert all(torch.isnan(recorder.epoch_states[0][name]).all() for name in names)
+    assert final.keys() == start.keys()
+    assert all(torch.equal(final[k], start[k]) for k in start)
+    assert plateau.history[0]["best_epoch"] == -1
+    assert plateau.history[0]["best_valid_loss"] == float("inf")
+
+
 def test_every_experience_starts_from_the_initial_lr(
     small_stream: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

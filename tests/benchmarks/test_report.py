@@ -159,7 +159,7 @@ def test_a_diverged_run_is_flagged_in_every_table(tmp_path: Path) -> None:
     assert "| naive | 2 | 72.50 ± 3.54 |" in (run_dir / "table.md").read_text()
 
 
-def test_runs_written_before_the_flag_are_judged_by_their_schedule() -> None:
+def test_run_diverged_if_its_parameters_or_a_tasks_validation_loss_went_non_finite() -> None:
     from benchmarks.report import diverged
 
     finite = {"epochs": 44, "best_epoch": 9, "best_valid_loss": 0.009}
@@ -167,9 +167,13 @@ def test_runs_written_before_the_flag_are_judged_by_their_schedule() -> None:
     assert diverged({"schedule": [finite, never_finite]})
     assert not diverged({"schedule": [finite, finite]})
     assert not diverged({})  # quick protocol, no record: not flagged
-    # JSON keeps inf as Infinity; the field written by the runner wins over the schedule.
+    # JSON keeps inf as Infinity.
     assert diverged(json.loads(json.dumps({"schedule": [never_finite]})))
-    assert not diverged({"schedule": [never_finite], "non_finite_parameters": False})
+    # Since the fallback to the task's starting weights a blown-up task leaves finite
+    # parameters behind: the schedule still says the run diverged.
+    assert diverged({"schedule": [finite, never_finite], "non_finite_parameters": False})
+    assert diverged({"schedule": [finite, finite], "non_finite_parameters": True})
+    assert not diverged({"schedule": [finite, finite], "non_finite_parameters": False})
 
 
 def test_compare_says_when_a_row_has_fewer_seeds_than_its_column(tmp_path: Path) -> None:
