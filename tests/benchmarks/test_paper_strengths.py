@@ -3,7 +3,9 @@
 ``benchmarks/results/calibration/`` holds one run directory per (stream, method, strength), all on
 seed 100 (a seed the result tables do not use), trained with the paper protocol. The rule stated
 in :mod:`benchmarks.methods`: the best ACC of the grid, and the grid must extend past the chosen
-value on both sides (so a better value cannot hide beyond an end of the grid).
+value on both sides (so a better value cannot hide beyond an end of the grid). Where a strength
+was calibrated at more than one training-set size, the grid with the most training images per
+task (the tables' size) decides.
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ _METHOD_OF = {"ewc_lambda": "ewc", "si_lambda": "si", "lambda_reg": "mas"}
 def _grid() -> dict[tuple[str, str], dict[float, float]]:
     """``(benchmark, strength name) -> {strength: ACC}`` from every committed calibration run
     (read once for all the parametrized cases)."""
-    grid: dict[tuple[str, str], dict[float, float]] = defaultdict(dict)
+    by_size: dict[tuple[str, str], dict[int, dict[float, float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
     for path in sorted(CALIBRATION.glob("*/runs/*/seed*/result.json")):
         result = json.loads(path.read_text())
         assert result["seed"] == 100, path
         assert result["protocol"]["name"] == "paper", path
+        size = max(result["stream"]["train_per_task"])
         for name, method in _METHOD_OF.items():
             if result["method"] == method:
-                grid[(result["benchmark"], name)][float(result["hparams"][name])] = result["acc"]
-    return grid
+                strength = float(result["hparams"][name])
+                by_size[(result["benchmark"], name)][size][strength] = result["acc"]
+    return {key: sizes[max(sizes)] for key, sizes in by_size.items()}
 
 
 def choose(accuracies: dict[float, float]) -> float:
