@@ -15,8 +15,9 @@
     validation, ``ReduceLROnPlateau`` on the validation loss (factor 1/3, patience 4, minimum lr
     1e-3), early stop once the lr is at its floor and the validation loss has not improved for 5
     epochs (at most 500 epochs), and the best-validation weights restored at the end of every
-    experience (the starting weights when no epoch's validation loss was finite) — by :class:`benchmarks.plugins.PlateauEarlyStopping`, which the suite places
-    *before* ``SPGPlugin`` so that SPG's importance is computed on the restored weights. Dropout:
+    experience (the starting weights when no epoch's validation loss was finite) — by
+    :class:`benchmarks.plugins.PlateauEarlyStopping`, which the suite places *before*
+    ``SPGPlugin`` so that SPG's importance is computed on the restored weights. Dropout:
     the paper's tuned values for C-10/C-20/T-10/T-20, the backbone defaults elsewhere.
 """
 
