@@ -110,7 +110,7 @@ def test_hparam_overrides_reach_the_method() -> None:
 
 def test_paper_protocol_uses_its_own_strengths_and_overrides_still_win() -> None:
     assert method_hparams("si", "split-fmnist", protocol="paper") == {
-        "si_lambda": 1000.0,
+        "si_lambda": 10.0,
         "eps": 0.001,
     }
     assert method_hparams("mas", "split-fmnist", protocol="paper")["lambda_reg"] == 0.1
